@@ -1,0 +1,55 @@
+"""Component configurations, read from each component's ``config.json``.
+
+Every dataclass takes the released Qwen-Image values as defaults, so a missing key means "as released",
+and ``from_dict`` ignores keys it does not know (diffusers and transformers add bookkeeping keys freely).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _known_fields(cls, config: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in config.items() if k in names and v is not None}
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    patch_size: int = 2
+    in_channels: int = 64
+    out_channels: int = 16
+    num_layers: int = 60
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 3584
+    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+    rope_theta: float = 10000.0
+    guidance_embeds: bool = False
+    # Edit-2511: reference-image tokens are modulated with the embedding of t = 0.
+    zero_cond_t: bool = False
+    # Qwen-Image-Layered only; not supported here (refused in the model).
+    use_additional_t_cond: bool = False
+    use_layer3d_rope: bool = False
+    quantization: dict | None = None
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "TransformerConfig":
+        fields = _known_fields(cls, config)
+        if "out_channels" in config and config["out_channels"] is None:
+            # diffusers reads a null out_channels as "same as in_channels".
+            fields["out_channels"] = fields.get("in_channels", cls.in_channels)
+        fields["axes_dims_rope"] = tuple(fields.get("axes_dims_rope", cls.axes_dims_rope))
+        return cls(**fields)
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
