@@ -53,3 +53,28 @@ class TransformerConfig:
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    use_dynamic_shifting: bool = True
+    base_shift: float = 0.5
+    max_shift: float = 0.9
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 8192
+    shift_terminal: float | None = 0.02
+    time_shift_type: str = "exponential"
+    invert_sigmas: bool = False
+    stochastic_sampling: bool = False
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "SchedulerConfig":
+        fields = _known_fields(cls, config)
+        if "shift_terminal" in config and not config["shift_terminal"]:
+            fields["shift_terminal"] = None  # null or 0 means "no terminal stretch"
+        return cls(**fields)
