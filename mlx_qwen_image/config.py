@@ -78,3 +78,36 @@ class SchedulerConfig:
         if "shift_terminal" in config and not config["shift_terminal"]:
             fields["shift_terminal"] = None  # null or 0 means "no terminal stretch"
         return cls(**fields)
+
+
+@dataclasses.dataclass
+class TextEncoderConfig:
+    """The Qwen2.5-VL-7B language model; the vision tower's settings are not read yet."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    quantization: dict | None = None
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "TextEncoderConfig":
+        # transformers 5.x nests the language model under text_config and the RoPE settings under
+        # rope_parameters; 4.x configs (the released one) keep both flat.
+        flat = {**config, **(config.get("text_config") or {})}
+        rope = flat.get("rope_parameters") or flat.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "mrope"):
+            raise ValueError(f"text encoder rope type {rope_type!r} is not supported (only the default RoPE)")
+        fields = _known_fields(cls, flat)
+        if "rope_theta" in rope:
+            fields["rope_theta"] = rope["rope_theta"]
+        return cls(**fields)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
