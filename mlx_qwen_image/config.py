@@ -81,8 +81,43 @@ class SchedulerConfig:
 
 
 @dataclasses.dataclass
+class VisionConfig:
+    """Qwen2.5-VL's vision tower (the ``vision_config`` of the text encoder's config), used by the editing models."""
+
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    out_hidden_size: int = 3584
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    rope_theta: float = 10000.0
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "VisionConfig":
+        fields = _known_fields(cls, config)
+        fields["fullatt_block_indexes"] = tuple(fields.get("fullatt_block_indexes", cls.fullatt_block_indexes))
+        rope = config.get("rope_parameters") or {}
+        if "rope_theta" in rope:
+            fields["rope_theta"] = rope["rope_theta"]
+        if fields.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"vision tower activation {fields['hidden_act']!r} is not supported (only silu)")
+        return cls(**fields)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass
 class TextEncoderConfig:
-    """The Qwen2.5-VL-7B language model; the vision tower's settings are not read yet."""
+    """The Qwen2.5-VL-7B language model, plus what the editing models need: the vision tower's settings, the
+    ``<|image_pad|>`` token id and the multimodal RoPE sections."""
 
     vocab_size: int = 152064
     hidden_size: int = 3584
@@ -92,6 +127,10 @@ class TextEncoderConfig:
     num_key_value_heads: int = 4
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1000000.0
+    image_token_id: int = 151655
+    # Frequency pairs per position axis (temporal, height, width) of the multimodal RoPE; they sum to head_dim/2.
+    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    vision_config: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     quantization: dict | None = None
 
     @classmethod
@@ -106,8 +145,45 @@ class TextEncoderConfig:
         fields = _known_fields(cls, flat)
         if "rope_theta" in rope:
             fields["rope_theta"] = rope["rope_theta"]
+        if "mrope_section" in rope:
+            fields["mrope_section"] = tuple(rope["mrope_section"])
+        fields["vision_config"] = VisionConfig.from_dict(config.get("vision_config") or {})
         return cls(**fields)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass
+class VAEConfig:
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    # One flag per downsample; only its length matters for single images (the time axis is never resampled).
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    dropout: float = 0.0
+    input_channels: int = 3
+    latents_mean: tuple[float, ...] = (
+        -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+        0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+    )  # fmt: skip
+    latents_std: tuple[float, ...] = (
+        2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+        3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+    )  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "VAEConfig":
+        fields = _known_fields(cls, config)
+        for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
+            if name in fields:
+                fields[name] = tuple(fields[name])
+        return cls(**fields)
+
+    @property
+    def scale_factor(self) -> int:
+        """Image pixels per latent pixel along each side (8 for the released model)."""
+        return 2 ** (len(self.dim_mult) - 1)
