@@ -1,24 +1,132 @@
-"""QwenImagePipeline: the public entry point that ties the components together."""
+"""QwenImagePipeline: text -> features -> denoising loop -> VAE decode.
+
+The denoising loop is a generator (`denoise`) that yields the lazy latents after each step: the caller
+evaluates them (one ``mx.eval`` per step), shows progress and may stop early. ``generate`` is the plain loop
+around it. Memory is staged: with ``low_memory`` the text encoder is dropped once the prompts are encoded
+(it reloads lazily from the checkpoint when needed again).
+"""
 
 from __future__ import annotations
 
+import time
 import warnings
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from .config import read_json
+from .image import array_to_numpy, array_to_pil
+from .loading import DEFAULT_MODEL, CheckpointError, check_layout, load_model, quantize_model, resolve
 from .models.text_encoder import QwenTextEncoder
+from .models.transformer import QwenImageTransformer
+from .models.vae import QwenImageVAE
+from .scheduler import FlowMatchEulerScheduler
 from .tokenizer import TEMPLATE_SUFFIX_TOKENS, TEXT_TO_IMAGE_DROP, TEXT_TO_IMAGE_TEMPLATE, QwenTokenizer
 
 # Qwen-Image conditions on at most 1024 text features (prompt tokens plus the 5 closing template tokens);
 # diffusers refuses larger values of max_sequence_length too.
 MAX_SEQUENCE_LENGTH = 1024
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+TEXT_TO_IMAGE_CLASSES = ("QwenImagePipeline", "QwenImageImg2ImgPipeline")
+
+
+def _dtype(dtype) -> mx.Dtype:
+    if isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_request(width: int, height: int, steps: int, cfg_scale: float):
+    """Refuse sizes, step counts and CFG scales the model cannot use, naming valid values."""
+    for name, v in (("width", width), ("height", height)):
+        if v < 16 or v % 16:
+            lo = max(16, v // 16 * 16)
+            raise ValueError(f"{name} {v} is not a multiple of 16; use {lo}" + (f" or {lo + 16}" if v > lo else ""))
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if cfg_scale < 1:
+        raise ValueError(f"cfg_scale must be at least 1 (1 turns CFG off), got {cfg_scale}")
+
+
+def pack_latents(z: mx.array) -> mx.array:
+    """(B, H/8, W/8, C) channels-last latents -> diffusers' packed (B, (H/16)(W/16), C*4), channel-major."""
+    B, h, w, C = z.shape
+    z = z.reshape(B, h // 2, 2, w // 2, 2, C).transpose(0, 1, 3, 5, 2, 4)
+    return z.reshape(B, (h // 2) * (w // 2), C * 4)
+
+
+def unpack_latents(x: mx.array, height: int, width: int) -> mx.array:
+    """Packed (B, N, C*4) -> channels-last (B, H/8, W/8, C)."""
+    B, _, D = x.shape
+    h, w, C = height // 16, width // 16, D // 4
+    x = x.reshape(B, h, w, C, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(B, h * 2, w * 2, C)
+
+
+def guided(cond: mx.array, uncond: mx.array, scale: float) -> mx.array:
+    """True CFG, then rescaled per token to the conditional prediction's norm (as the reference does)."""
+    cond, uncond = cond.astype(mx.float32), uncond.astype(mx.float32)
+    comb = uncond + scale * (cond - uncond)
+    return comb * (mx.linalg.norm(cond, axis=-1, keepdims=True) / mx.linalg.norm(comb, axis=-1, keepdims=True))
+
+
+def pad_text(batches):
+    """Stack several (embeds, mask) batches, right-padding the shorter texts with zeros and mask 0."""
+    length = max(e.shape[1] for e, _ in batches)
+    embeds, masks = [], []
+    for e, m in batches:
+        extra = length - e.shape[1]
+        embeds.append(mx.pad(e, [(0, 0), (0, extra), (0, 0)]) if extra else e)
+        masks.append(mx.pad(m, [(0, 0), (0, extra)]) if extra else m)
+    return mx.concatenate(embeds), mx.concatenate(masks)
 
 
 class QwenImagePipeline:
-    def __init__(self, tokenizer: QwenTokenizer, text_encoder: QwenTextEncoder):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
+    def __init__(self, transformer=None, vae=None, text_encoder=None, tokenizer=None, scheduler=None):
+        self.transformer: QwenImageTransformer | None = transformer
+        self.vae: QwenImageVAE | None = vae
+        self.text_encoder: QwenTextEncoder | None = text_encoder
+        self.tokenizer: QwenTokenizer | None = tokenizer
+        self.scheduler = scheduler or FlowMatchEulerScheduler()
+        self.low_memory = False
+        self.stats: dict[str, dict[str, float]] = {}
+        self._text_encoder_source: tuple[Path, mx.Dtype] | None = None
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | Path = DEFAULT_MODEL, quantize: int | None = None,
+                        dtype="bfloat16") -> "QwenImagePipeline":
+        """Load a diffusers-layout checkpoint (local folder or Hub repo id); weights are read lazily."""
+        if quantize not in (None, 4, 8):
+            raise ValueError(f"quantize must be None, 4 or 8, got {quantize!r}")
+        dt = _dtype(dtype)
+        root = resolve(path_or_repo_id)
+        index = check_layout(root)
+        kind = index.get("_class_name", "")
+        if kind not in TEXT_TO_IMAGE_CLASSES:
+            raise CheckpointError(f"{root} holds a {kind or 'unknown'} checkpoint, not a text-to-image one")
+        transformer = load_model(QwenImageTransformer, root / "transformer", dt)
+        if quantize and not _is_quantized(transformer):
+            quantize_model(transformer, bits=quantize)
+        pipe = cls(
+            transformer=transformer,
+            vae=load_model(QwenImageVAE, root / "vae", dt),
+            text_encoder=load_model(QwenTextEncoder, root / "text_encoder", dt),
+            tokenizer=QwenTokenizer.from_pretrained(root / "tokenizer"),
+            scheduler=FlowMatchEulerScheduler.from_config(read_json(root / "scheduler" / "scheduler_config.json")),
+        )
+        pipe._text_encoder_source = (root / "text_encoder", dt)
+        return pipe
+
+    # -- text ----------------------------------------------------------------------------------------------
+
+    def free_text_encoder(self):
+        """Drop the text encoder's weights; it is reloaded (lazily) the next time a prompt is encoded."""
+        if self._text_encoder_source is not None:
+            self.text_encoder = None
+            mx.clear_cache()
 
     def encode_prompt(
         self, prompt: str | list[str], max_sequence_length: int = MAX_SEQUENCE_LENGTH
@@ -37,6 +145,8 @@ class QwenImagePipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("encode_prompt needs at least one prompt")
+        if self.text_encoder is None and self._text_encoder_source is not None:
+            self.text_encoder = load_model(QwenTextEncoder, *self._text_encoder_source)
         # The whole template is tokenized at once, as diffusers does, so a prompt's first token may merge
         # with the template's "\n"; positions, not strings, decide what is dropped.
         sequences = self.tokenizer.encode_batch([TEXT_TO_IMAGE_TEMPLATE.format(p) for p in prompts])
@@ -64,3 +174,98 @@ class QwenImagePipeline:
         mask = mx.array(mask[:, TEXT_TO_IMAGE_DROP:])
         embeds = mx.where(mask[..., None].astype(mx.bool_), hidden[:, TEXT_TO_IMAGE_DROP:], 0)
         return embeds, mask
+
+    def _conditioning(self, prompts: list[str], negative_prompt, cfg: bool):
+        embeds, mask = self.encode_prompt(prompts)
+        if cfg:
+            negatives = [" " if negative_prompt is None else negative_prompt] * len(prompts)
+            if isinstance(negative_prompt, (list, tuple)):
+                if len(negative_prompt) != len(prompts):
+                    raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
+                negatives = list(negative_prompt)
+            embeds, mask = pad_text([(embeds, mask), self.encode_prompt(negatives)])
+        return embeds, mask
+
+    # -- denoising -----------------------------------------------------------------------------------------
+
+    def _phase(self, name: str, start: float):
+        self.stats[name] = {"seconds": time.perf_counter() - start, "peak_memory": mx.get_peak_memory()}
+        mx.reset_peak_memory()
+
+    def initial_latents(self, batch: int, width: int, height: int, seed: int, latents=None) -> mx.array:
+        """Packed float32 noise ``(batch, (H/16)(W/16), 64)``; item ``i`` uses seed ``seed + i``."""
+        n, channels = (height // 16) * (width // 16), self.transformer.config.in_channels
+        if latents is not None:
+            latents = mx.array(np.asarray(latents, dtype=np.float32)) if not isinstance(latents, mx.array) else latents
+            if latents.shape != (batch, n, channels):
+                raise ValueError(
+                    f"latents have shape {tuple(latents.shape)}; expected {(batch, n, channels)} "
+                    f"(batch, (H/16)*(W/16), {channels}) for {width}x{height}"
+                )
+            return latents.astype(mx.float32)
+        return mx.stack([mx.random.normal((n, channels), key=mx.random.key(seed + i)) for i in range(batch)])
+
+    def denoise(self, prompt, negative_prompt=None, width=1024, height=1024, steps=50, cfg_scale=4.0, seed=0,
+                latents=None):
+        """Yield the (lazy) packed latents after each of the ``steps`` denoising steps."""
+        check_request(width, height, steps, cfg_scale)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch, cfg = len(prompts), cfg_scale > 1
+
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        embeds, mask = self._conditioning(prompts, negative_prompt, cfg)
+        mx.eval(embeds, mask)
+        if self.low_memory:
+            self.free_text_encoder()
+        self._phase("text_encoder", start)
+
+        start = time.perf_counter()
+        x = self.initial_latents(batch, width, height, seed, latents)
+        seq_len = x.shape[1]
+        sigmas = self.scheduler.sigmas(steps, seq_len)
+        timesteps = self.scheduler.timesteps(steps, seq_len)
+        rows = 2 * batch if cfg else batch
+        img_shapes = [[(1, height // 16, width // 16)]] * rows
+        model = self.transformer
+        for i in range(steps):
+            # The reference feeds timestep / 1000 (not sigma itself); equal up to float32 rounding.
+            t = mx.full((rows,), timesteps[i] / np.float32(1000), dtype=mx.float32)
+            inp = x.astype(model.dtype)
+            v = model(mx.concatenate([inp, inp]) if cfg else inp, embeds, mask, t, img_shapes)
+            if cfg:
+                v = guided(v[:batch], v[batch:], cfg_scale)
+            x = self.scheduler.step(x, v, sigmas[i], sigmas[i + 1])
+            yield x
+        self._phase("denoise", start)
+
+    def decode(self, latents: mx.array, width: int, height: int, output: str = "pil"):
+        """Packed latents -> a list of PIL images, or (B, H, W, 3) float32 numpy in [0, 1] for "np"."""
+        if output not in ("pil", "np"):
+            raise ValueError(f"output must be 'pil' or 'np', got {output!r}")
+        start = time.perf_counter()
+        z = self.vae.denormalize_latents(unpack_latents(latents, height, width).astype(self.vae.dtype))
+        x = self.vae.decode(z)
+        mx.eval(x)
+        self._phase("decode", start)
+        return array_to_pil(x) if output == "pil" else array_to_numpy(x)
+
+    def generate(self, prompt, negative_prompt=None, width=1024, height=1024, steps=50, cfg_scale=4.0, seed=0,
+                 latents=None, output="pil", progress=None):
+        """Images for ``prompt`` (a string: one image; a list: one per prompt, seeds ``seed``, ``seed + 1`` ...).
+
+        ``progress(step, steps)`` is called after each evaluated step.
+        """
+        x = None
+        for i, x in enumerate(self.denoise(prompt, negative_prompt, width, height, steps, cfg_scale, seed, latents)):
+            mx.eval(x)
+            if progress is not None:
+                progress(i + 1, steps)
+        images = self.decode(x, width, height, output)
+        return images[0] if isinstance(prompt, str) else images
+
+
+def _is_quantized(model) -> bool:
+    import mlx.nn as nn
+
+    return any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())

@@ -58,3 +58,53 @@ def manifest():
 
     with open(FIXTURES / "checkpoint_manifest.json") as f:
         return json.load(f)
+
+
+# Tiny components whose shapes fit together: text features 32 wide, a VAE with 4 latent channels and scale 8.
+TINY_TEXT_ENCODER = dict(
+    text_config=dict(vocab_size=152064, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}),
+    vision_config=dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32,
+                       fullatt_block_indexes=[0]),
+    tie_word_embeddings=False,
+)
+TINY_TRANSFORMER = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6])
+TINY_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+                latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])
+
+
+def build_tiny_checkpoint(folder: Path, seed: int = 0):
+    """A random diffusers QwenImagePipeline saved in the published layout (tokenizer as vocab.json +
+    merges.txt, no tokenizer.json); returns the diffusers pipeline it was saved from."""
+    import json
+    import shutil
+
+    import torch
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**TINY_TEXT_ENCODER))
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(
+            json.loads((RELEASED / "scheduler" / "scheduler_config.json").read_text())),
+        vae=randomize_(AutoencoderKLQwenImage(**TINY_VAE), seed + 1, std=0.2).eval(),
+        text_encoder=randomize_(text_encoder, seed + 2, std=0.1).eval(),
+        tokenizer=Qwen2Tokenizer.from_pretrained(str(RELEASED / "tokenizer")),
+        transformer=randomize_(QwenImageTransformer2DModel(**TINY_TRANSFORMER), seed + 3, std=0.15).eval(),
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    tok = folder / "tokenizer"
+    shutil.rmtree(tok)
+    shutil.copytree(RELEASED / "tokenizer", tok)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(folder, diffusers pipeline) for a tiny random text-to-image checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny") / "qwen-image-tiny"
+    return folder, build_tiny_checkpoint(folder)

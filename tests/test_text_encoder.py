@@ -160,7 +160,7 @@ def pipelines(tiny):
     )
     assert theirs.prompt_template_encode == TEXT_TO_IMAGE_TEMPLATE
     assert theirs.prompt_template_encode_start_idx == TEXT_TO_IMAGE_DROP
-    return theirs, QwenImagePipeline(QwenTokenizer.from_pretrained(TOKENIZER), ours)
+    return theirs, QwenImagePipeline(tokenizer=QwenTokenizer.from_pretrained(TOKENIZER), text_encoder=ours)
 
 
 def diffusers_encode(pipe, prompt, **kwargs):

@@ -1,0 +1,154 @@
+"""Finding, downloading and loading checkpoints in the diffusers layout.
+
+Loading is: lazy ``mx.load`` of every safetensors shard -> the model's ``sanitize`` -> ``nn.quantize`` of the
+layers that the checkpoint stores quantized (where ``<layer>.scales`` exists) -> cast -> strict
+``load_weights``. Nothing is read from disk until the arrays are evaluated. Only safetensors are read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import read_json
+
+DEFAULT_MODEL = "Qwen/Qwen-Image"
+TEXT_TO_IMAGE = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class CheckpointError(ValueError):
+    """A model folder or file that cannot be used; the message says what is wrong and what to do."""
+
+
+def resolve(path_or_repo_id: str | Path, components=TEXT_TO_IMAGE) -> Path:
+    """A local checkpoint folder for ``path_or_repo_id``, downloading from the Hub when it names a repo."""
+    path = Path(path_or_repo_id).expanduser()
+    if not is_repo_id(path_or_repo_id):
+        if not path.exists():
+            raise CheckpointError(f"model folder {path} does not exist (pass a local folder or a Hub repo id)")
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; a model is a checkpoint folder or a Hub repo id")
+        return path
+    return _download(str(path_or_repo_id), components)
+
+
+def is_repo_id(name: str | Path) -> bool:
+    """``owner/name`` that is not an existing local path."""
+    return bool(_REPO_ID.match(str(name))) and not Path(name).expanduser().exists()
+
+
+def _download(repo_id: str, components) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json"]
+    for c in components:
+        patterns += [f"{c}/*.json", f"{c}/*.safetensors", f"{c}/*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # the Hub raises many types; all mean "not available"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"could not get {repo_id} from the Hugging Face Hub ({type(e).__name__}: {reason}); "
+            "connect to the internet once to download it, or pass a local folder"
+        ) from None
+
+
+def check_layout(root: Path, components=TEXT_TO_IMAGE) -> dict:
+    """The checkpoint's ``model_index.json``, after checking that every needed file is there."""
+    index_file = root / "model_index.json"
+    if not index_file.is_file():
+        raise CheckpointError(f"{root} is not a diffusers checkpoint: model_index.json is missing")
+    missing = []
+    for c in components:
+        folder = root / c
+        if not folder.is_dir():
+            missing.append(f"{c}/")
+        elif c == "tokenizer":
+            if not (folder / "tokenizer.json").is_file() and not (
+                (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+            ):
+                missing.append("tokenizer/vocab.json + merges.txt")
+        elif c == "scheduler":
+            if not (folder / "scheduler_config.json").is_file():
+                missing.append("scheduler/scheduler_config.json")
+        else:
+            if not (folder / "config.json").is_file():
+                missing.append(f"{c}/config.json")
+            if not list(folder.glob("*.safetensors")):
+                missing.append(f"{c}/*.safetensors")
+    if missing:
+        raise CheckpointError(f"incomplete checkpoint {root}: missing {', '.join(missing)}")
+    return read_json(index_file)
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """The safetensors shards of a component, as its index lists them when it has one."""
+    indexes = list(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        with open(indexes[0], encoding="utf-8") as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        files = [folder / n for n in names]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{folder}: shards listed in {indexes[0].name} are missing: {', '.join(absent)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        hint = " (PyTorch .bin files are not read: use a safetensors checkpoint)" if list(folder.glob("*.bin")) else ""
+        raise CheckpointError(f"no .safetensors weights in {folder}{hint}")
+    return files
+
+
+def lazy_weights(folder: Path) -> dict[str, mx.array]:
+    """Every tensor of a component's shards, as lazy arrays (read from disk only when evaluated)."""
+    weights = {}
+    for file in shard_files(folder):
+        try:
+            weights.update(mx.load(str(file)))
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot read {file}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} "
+                "(the file is damaged or incomplete: download or convert it again)"
+            ) from None
+    return weights
+
+
+def _cast(weights: dict, dtype) -> dict:
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+
+
+def load_model(model_cls, folder: Path, dtype=mx.bfloat16, config: dict | None = None):
+    """Build ``model_cls`` from ``folder/config.json`` and load its shards strictly (lazily)."""
+    config = read_json(folder / "config.json") if config is None else config
+    model = model_cls.from_config(config)
+    weights = model.sanitize(lazy_weights(folder))
+    quantized = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
+    if quantized:
+        q = config.get("quantization", {})
+        nn.quantize(
+            model,
+            group_size=q.get("group_size", 64),
+            bits=q.get("bits", 4),
+            class_predicate=lambda path, module: path in quantized,
+        )
+    model.set_dtype(dtype)
+    try:
+        model.load_weights(list(_cast(weights, dtype).items()), strict=True)
+    except ValueError as e:
+        raise CheckpointError(f"{folder} does not match its config.json: {e}") from None
+    return model
+
+
+def quantize_model(model, bits: int, group_size: int = 64):
+    """Group-wise affine quantization of the model's linear layers whose width the group size divides."""
+    nn.quantize(
+        model,
+        group_size=group_size,
+        bits=bits,
+        class_predicate=lambda path, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % group_size == 0,
+    )

@@ -1,0 +1,165 @@
+"""End to end: our text-to-image pipeline against diffusers' QwenImagePipeline from the same noise."""
+
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err
+
+from mlx_qwen_image import QwenImagePipeline
+from mlx_qwen_image.loading import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_checkpoint):
+    folder, reference = tiny_checkpoint
+    return QwenImagePipeline.from_pretrained(folder, dtype="float32"), reference
+
+
+def _noise(batch, width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, (height // 16) * (width // 16), 16)).astype(np.float32)
+
+
+def _reference(reference, prompt, latents, cfg_scale, width, height, steps, output_type="np"):
+    with torch.no_grad():
+        out = reference(
+            prompt=prompt,
+            negative_prompt=" " if cfg_scale > 1 else None,
+            true_cfg_scale=cfg_scale,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            latents=torch.from_numpy(latents),
+            output_type=output_type,
+        ).images
+    return out.numpy() if output_type == "latent" else out
+
+
+@pytest.mark.parametrize(
+    "prompt, cfg_scale, width, height, steps",
+    [
+        ("a red bicycle leaning on a wall", 4.0, 96, 64, 3),  # CFG on, non-square
+        ("a red bicycle leaning on a wall", 1.0, 64, 96, 3),  # CFG off
+        ("一只在雨中撑伞的猫，招牌上写着“咖啡”", 2.5, 64, 64, 4),  # Chinese
+        (["a poster that says HELLO", "two cats"], 4.0, 96, 64, 3),  # batch of 2 prompts of different lengths
+    ],
+)
+def test_generate_equals_diffusers(pipes, prompt, cfg_scale, width, height, steps):
+    ours, reference = pipes
+    batch = 1 if isinstance(prompt, str) else len(prompt)
+    latents = _noise(batch, width, height)
+    expected = _reference(reference, prompt, latents, cfg_scale, width, height, steps)
+    got = ours.generate(prompt, width=width, height=height, steps=steps, cfg_scale=cfg_scale, latents=latents,
+                        output="np")
+    got = got[None] if isinstance(prompt, str) else got
+    assert got.shape == expected.shape == (batch, height, width, 3)
+    assert got.dtype == np.float32 and got.min() >= 0 and got.max() <= 1
+    # Compared in [-1, 1] about the mid-grey the tiny VAE hovers around, so the error is not diluted.
+    assert rel_err(got - 0.5, expected - 0.5) < 1e-3
+
+
+def test_final_latents_equal_diffusers(pipes):
+    ours, reference = pipes
+    latents = _noise(1, 64, 96, seed=3)
+    expected = _reference(reference, "neon sign", latents, 4.0, 64, 96, 3, output_type="latent")
+    *_, got = ours.denoise("neon sign", width=64, height=96, steps=3, cfg_scale=4.0, latents=latents)
+    assert rel_err(np.array(got), expected) < 1e-4
+
+
+class CountingTransformer:
+    """Delegates to the transformer and records the batch size of each call."""
+
+    def __init__(self, model):
+        self.model, self.batches = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, x, *args, **kwargs):
+        self.batches.append(x.shape[0])
+        return self.model(x, *args, **kwargs)
+
+
+@pytest.mark.parametrize("cfg_scale, rows_per_prompt", [(4.0, 2), (1.0, 1)])
+def test_one_transformer_call_per_step(pipes, cfg_scale, rows_per_prompt):
+    ours, _ = pipes
+    counter = CountingTransformer(ours.transformer)
+    ours.transformer = counter
+    try:
+        ours.generate(["a", "bb"], width=32, height=32, steps=5, cfg_scale=cfg_scale, output="np")
+    finally:
+        ours.transformer = counter.model
+    assert counter.batches == [2 * rows_per_prompt] * 5
+
+
+def test_seeds_and_low_memory(pipes):
+    ours, _ = pipes
+    a = ours.generate("seed test", width=32, height=32, steps=2, seed=7, output="np")
+    ours.low_memory = True
+    try:
+        b = ours.generate("seed test", width=32, height=32, steps=2, seed=7, output="np")
+        assert ours.text_encoder is None  # released after encoding ...
+        c = ours.generate("seed test", width=32, height=32, steps=2, seed=8, output="np")  # ... and reloaded
+    finally:
+        ours.low_memory = False
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+    assert set(ours.stats) == {"text_encoder", "denoise", "decode"}
+    assert all(v["peak_memory"] > 0 for v in ours.stats.values())
+
+
+def test_pil_output(pipes):
+    ours, _ = pipes
+    image = ours.generate("pil", width=48, height=32, steps=1, cfg_scale=1.0)
+    assert image.size == (48, 32) and image.mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(width=100), "multiple of 16; use 96 or 112"),
+        (dict(height=8), "multiple of 16; use 16"),
+        (dict(steps=0), "steps must be at least 1"),
+        (dict(cfg_scale=0.5), "cfg_scale must be at least 1"),
+        (dict(latents=np.zeros((1, 3, 16), np.float32)), "latents have shape"),
+        (dict(output="jpeg"), "output must be"),
+    ],
+)
+def test_bad_requests_are_refused(pipes, kwargs, message):
+    ours, _ = pipes
+    args = dict(width=32, height=32, steps=1, cfg_scale=1.0) | kwargs
+    with pytest.raises(ValueError, match=message):
+        ours.generate("x", **args)
+
+
+def test_missing_and_damaged_checkpoints(tiny_checkpoint, tmp_path):
+    folder, _ = tiny_checkpoint
+    with pytest.raises(CheckpointError, match="does not exist"):
+        QwenImagePipeline.from_pretrained(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(CheckpointError, match="missing vae/"):
+        QwenImagePipeline.from_pretrained(broken)
+    shutil.copytree(folder / "vae", broken / "vae")
+    shard = next((broken / "transformer").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot read .*safetensors"):
+        QwenImagePipeline.from_pretrained(broken)
+
+
+def test_hub_id_without_network_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointError, match="could not get nobody/no-such-model .*connect to the internet"):
+        QwenImagePipeline.from_pretrained("nobody/no-such-model")
+
+
+def test_latents_as_mx_array(pipes):
+    ours, _ = pipes
+    noise = _noise(1, 32, 32)
+    a = ours.generate("x", width=32, height=32, steps=1, latents=noise, output="np")
+    b = ours.generate("x", width=32, height=32, steps=1, latents=mx.array(noise), output="np")
+    np.testing.assert_array_equal(a, b)
