@@ -122,10 +122,11 @@ def _cast(weights: dict, dtype) -> dict:
     return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
 
 
-def load_model(model_cls, folder: Path, dtype=mx.bfloat16, config: dict | None = None):
-    """Build ``model_cls`` from ``folder/config.json`` and load its shards strictly (lazily)."""
+def load_model(model_cls, folder: Path, dtype=mx.bfloat16, config: dict | None = None, **build):
+    """Build ``model_cls`` from ``folder/config.json`` (``build`` goes to ``from_config``) and load its shards
+    strictly (lazily)."""
     config = read_json(folder / "config.json") if config is None else config
-    model = model_cls.from_config(config)
+    model = model_cls.from_config(config, **build)
     weights = model.sanitize(lazy_weights(folder))
     quantized = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
     if quantized:
