@@ -8,15 +8,17 @@ around it. Memory is staged: with ``low_memory`` the text encoder is dropped onc
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from PIL import Image
 
 from .config import read_json
-from .image import array_to_numpy, array_to_pil
+from .image import array_to_numpy, array_to_pil, pil_to_array
 from .loading import DEFAULT_MODEL, CheckpointError, check_layout, load_model, quantize_model, resolve
 from .models.text_encoder import QwenTextEncoder
 from .models.transformer import QwenImageTransformer
@@ -205,39 +207,75 @@ class QwenImagePipeline:
             return latents.astype(mx.float32)
         return mx.stack([mx.random.normal((n, channels), key=mx.random.key(seed + i)) for i in range(batch)])
 
-    def denoise(self, prompt, negative_prompt=None, width=1024, height=1024, steps=50, cfg_scale=4.0, seed=0,
-                latents=None):
-        """Yield the (lazy) packed latents after each of the ``steps`` denoising steps."""
-        check_request(width, height, steps, cfg_scale)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        batch, cfg = len(prompts), cfg_scale > 1
+    def encode_image(self, image, width: int, height: int) -> mx.array:
+        """A PIL image -> normalised packed latents ``(1, (H/16)(W/16), 64)`` (the latent mean, resized with
+        Lanczos to ``width`` x ``height`` as diffusers' image processor does)."""
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), resample=Image.LANCZOS)
+        x = pil_to_array(image, dtype=self.vae.dtype)
+        return pack_latents(self.vae.normalize_latents(self.vae.encode(x)).astype(mx.float32))
 
+    def _encode_phase(self, encode):
+        """Run ``encode`` (text features), evaluate it, and release the text encoder if asked to."""
         mx.reset_peak_memory()
         start = time.perf_counter()
-        embeds, mask = self._conditioning(prompts, negative_prompt, cfg)
+        embeds, mask = encode()
         mx.eval(embeds, mask)
         if self.low_memory:
             self.free_text_encoder()
         self._phase("text_encoder", start)
+        return embeds, mask
+
+    def denoise(self, prompt, negative_prompt=None, width=None, height=None, steps=50, cfg_scale=4.0, seed=0,
+                latents=None, image=None, strength=0.6):
+        """Yield the (lazy) packed latents after each denoising step.
+
+        With ``image`` (img2img) the run starts from the encoded image mixed with the noise at the noise level
+        where a ``strength`` fraction of the ``steps`` remains, and only those steps run. ``latents`` is the
+        noise (packed layout); without it the noise comes from ``seed``.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if image is not None and not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        width, height = output_size(width, height, image)
+        check_request(width, height, steps, cfg_scale)
+        batch, cfg = len(prompts), cfg_scale > 1
+        embeds, mask = self._encode_phase(lambda: self._conditioning(prompts, negative_prompt, cfg))
 
         start = time.perf_counter()
         x = self.initial_latents(batch, width, height, seed, latents)
-        seq_len = x.shape[1]
-        sigmas = self.scheduler.sigmas(steps, seq_len)
-        timesteps = self.scheduler.timesteps(steps, seq_len)
-        rows = 2 * batch if cfg else batch
-        img_shapes = [[(1, height // 16, width // 16)]] * rows
+        sigmas = self.scheduler.sigmas(steps, x.shape[1])
+        timesteps = self.scheduler.timesteps(steps, x.shape[1])
+        if image is not None:
+            first = steps - img2img_steps(steps, strength)
+            sigmas, timesteps = sigmas[first:], timesteps[first:]
+            s0 = mx.array(sigmas[0])  # float32, as the reference mixes
+            x = s0 * x + (1 - s0) * self.encode_image(image, width, height)
+        img_shapes = [[(1, height // 16, width // 16)]] * (2 * batch if cfg else batch)
+        yield from self.sample(x, embeds, mask, sigmas, timesteps, cfg_scale, img_shapes)
+        self._phase("denoise", start)
+
+    def sample(self, x, embeds, mask, sigmas, timesteps, cfg_scale, img_shapes, reference=None):
+        """The denoising loop proper: one transformer call per step ([cond; uncond] stacked under CFG).
+
+        ``reference`` (packed latents of Edit reference images) is appended to the image tokens of every call.
+        """
+        batch, n, cfg = x.shape[0], x.shape[1], cfg_scale > 1
         model = self.transformer
-        for i in range(steps):
+        for i in range(len(timesteps)):
             # The reference feeds timestep / 1000 (not sigma itself); equal up to float32 rounding.
-            t = mx.full((rows,), timesteps[i] / np.float32(1000), dtype=mx.float32)
+            t = mx.full((2 * batch if cfg else batch,), timesteps[i] / np.float32(1000), dtype=mx.float32)
             inp = x.astype(model.dtype)
+            if reference is not None:
+                inp = mx.concatenate([inp, mx.broadcast_to(reference, (batch, *reference.shape[1:]))], axis=1)
             v = model(mx.concatenate([inp, inp]) if cfg else inp, embeds, mask, t, img_shapes)
+            if reference is not None:
+                v = v[:, :n]
             if cfg:
                 v = guided(v[:batch], v[batch:], cfg_scale)
             x = self.scheduler.step(x, v, sigmas[i], sigmas[i + 1])
             yield x
-        self._phase("denoise", start)
 
     def decode(self, latents: mx.array, width: int, height: int, output: str = "pil"):
         """Packed latents -> a list of PIL images, or (B, H, W, 3) float32 numpy in [0, 1] for "np"."""
@@ -250,19 +288,49 @@ class QwenImagePipeline:
         self._phase("decode", start)
         return array_to_pil(x) if output == "pil" else array_to_numpy(x)
 
-    def generate(self, prompt, negative_prompt=None, width=1024, height=1024, steps=50, cfg_scale=4.0, seed=0,
-                 latents=None, output="pil", progress=None):
+    def generate(self, prompt, negative_prompt=None, width=None, height=None, steps=50, cfg_scale=4.0, seed=0,
+                 latents=None, output="pil", image=None, strength=0.6, progress=None):
         """Images for ``prompt`` (a string: one image; a list: one per prompt, seeds ``seed``, ``seed + 1`` ...).
 
-        ``progress(step, steps)`` is called after each evaluated step.
+        Size: 1024x1024 by default; with ``image`` (img2img) the image's aspect at about 1024x1024 pixels.
+        ``progress(done, total)`` is called after each evaluated step.
         """
-        x = None
-        for i, x in enumerate(self.denoise(prompt, negative_prompt, width, height, steps, cfg_scale, seed, latents)):
-            mx.eval(x)
-            if progress is not None:
-                progress(i + 1, steps)
-        images = self.decode(x, width, height, output)
+        if output not in ("pil", "np"):
+            raise ValueError(f"output must be 'pil' or 'np', got {output!r}")
+        width, height = output_size(width, height, image)
+        total = steps if image is None else img2img_steps(steps, strength)
+        run = self.denoise(prompt, negative_prompt, width, height, steps, cfg_scale, seed, latents, image, strength)
+        images = self.decode(run_steps(run, total, progress), width, height, output)
         return images[0] if isinstance(prompt, str) else images
+
+
+def run_steps(run, total: int, progress=None) -> mx.array:
+    """Evaluate a denoising generator step by step; returns the final latents."""
+    x = None
+    for done, x in enumerate(run, 1):
+        mx.eval(x)
+        if progress is not None:
+            progress(done, total)
+    return x
+
+
+def fit_area(width: int, height: int, area: int = 1024 * 1024, multiple: int = 32) -> tuple[int, int]:
+    """The size with the aspect of ``width`` x ``height`` and about ``area`` pixels, sides multiples of 32."""
+    w = math.sqrt(area * width / height)
+    return round(w / multiple) * multiple, round(w / (width / height) / multiple) * multiple
+
+
+def output_size(width, height, image=None) -> tuple[int, int]:
+    """Requested size, defaulting to 1024x1024, or to ``image``'s aspect at about 1024x1024 pixels."""
+    if image is not None and (width is None or height is None):
+        fit_w, fit_h = fit_area(*image.size)
+        width, height = width or fit_w, height or fit_h
+    return width or 1024, height or 1024
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """Steps that run for ``strength``: diffusers skips ``int(steps - steps * strength)`` of them."""
+    return steps - int(max(steps - min(steps * strength, steps), 0))
 
 
 def _is_quantized(model) -> bool:

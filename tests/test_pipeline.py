@@ -163,3 +163,47 @@ def test_latents_as_mx_array(pipes):
     a = ours.generate("x", width=32, height=32, steps=1, latents=noise, output="np")
     b = ours.generate("x", width=32, height=32, steps=1, latents=mx.array(noise), output="np")
     np.testing.assert_array_equal(a, b)
+
+
+def _packed(noise):
+    """diffusers' (B, 1, C, h, w) noise in the packed (B, (h/2)(w/2), 4C) layout."""
+    b, _, c, h, w = noise.shape
+    return noise.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5).reshape(b, -1, 4 * c)
+
+
+@pytest.mark.parametrize("strength, steps, cfg_scale", [(0.6, 5, 4.0), (1.0, 3, 1.0), (0.3, 4, 2.0)])
+def test_img2img_equals_diffusers(pipes, monkeypatch, strength, steps, cfg_scale):
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_img2img as img2img
+    from PIL import Image
+
+    ours, reference = pipes
+    # diffusers samples the image latent from the VAE's distribution; we use its mean (as the edit pipelines
+    # do), so the reference is made to use the mean too.
+    monkeypatch.setattr(img2img, "retrieve_latents", lambda out, generator=None, sample_mode="": out.latent_dist.mode())
+    pixels = np.random.default_rng(4).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    width, height = 96, 64
+    ref_pipe = img2img.QwenImageImg2ImgPipeline(**reference.components)
+    with torch.no_grad():
+        expected = ref_pipe(
+            prompt="a watercolor version", image=image, strength=strength, width=width, height=height,
+            negative_prompt=" " if cfg_scale > 1 else None, true_cfg_scale=cfg_scale, num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0), output_type="np",
+        ).images
+    noise = torch.randn((1, 1, 4, height // 8, width // 8), generator=torch.Generator().manual_seed(0)).numpy()
+    got = ours.generate("a watercolor version", image=image, strength=strength, width=width, height=height,
+                        steps=steps, cfg_scale=cfg_scale, latents=_packed(noise), output="np")
+    assert rel_err(got[None] - 0.5, expected - 0.5) < 1e-3
+
+
+def test_img2img_default_size_and_bad_strength(pipes):
+    from PIL import Image
+
+    ours, _ = pipes
+    image = Image.new("RGB", (300, 200), (200, 30, 30))
+    calls = []
+    assert ours.generate("x", image=image, steps=2, cfg_scale=1.0, progress=lambda d, t: calls.append((d, t)),
+                         output="np").shape == (832, 1248, 3)[:0] + (832, 1248, 3)
+    assert calls == [(1, 2), (2, 2)]
+    with pytest.raises(ValueError, match="strength must be in"):
+        ours.generate("x", image=image, strength=0, steps=2)
