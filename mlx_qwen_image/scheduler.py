@@ -14,6 +14,27 @@ import numpy as np
 
 from .config import SchedulerConfig
 
+# The Qwen-Image-Lightning LoRAs (lightx2v/Qwen-Image-Lightning, 4 and 8 steps, CFG 1) were distilled with a fixed
+# shift of 3: mu = ln 3 at every resolution, no terminal stretch. Values as published in ModelTC/Qwen-Image-Lightning
+# (README and generate_with_diffusers.py, the scheduler_config passed to FlowMatchEulerDiscreteScheduler).
+LIGHTNING_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": True,
+    "base_shift": math.log(3),
+    "max_shift": math.log(3),
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 8192,
+    "shift_terminal": None,
+    "time_shift_type": "exponential",
+    "invert_sigmas": False,
+    "stochastic_sampling": False,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+}
+LIGHTNING_STEPS = (4, 8)  # the step counts the Lightning LoRAs are published for; they run with CFG 1
+
 
 class FlowMatchEulerScheduler:
     def __init__(self, config: SchedulerConfig | None = None):
@@ -67,3 +88,8 @@ class FlowMatchEulerScheduler:
     def step(latents: mx.array, velocity: mx.array, sigma: float, sigma_next: float) -> mx.array:
         """One Euler step ``x + (sigma_next - sigma) * v`` in float32."""
         return latents.astype(mx.float32) + (sigma_next - sigma) * velocity.astype(mx.float32)
+
+
+def lightning_scheduler() -> FlowMatchEulerScheduler:
+    """The sampler the Qwen-Image-Lightning LoRAs were distilled for (see ``LIGHTNING_SCHEDULER_CONFIG``)."""
+    return FlowMatchEulerScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG)
