@@ -19,7 +19,8 @@ from PIL import Image
 
 from .config import read_json
 from .image import array_to_numpy, array_to_pil, pil_to_array
-from .loading import DEFAULT_MODEL, CheckpointError, check_layout, load_model, quantize_model, resolve
+from .loading import (DEFAULT_MODEL, TEXT_TO_IMAGE, CheckpointError, check_layout, load_model, quantize_model,
+                      resolve)
 from .models.text_encoder import QwenTextEncoder
 from .models.transformer import QwenImageTransformer
 from .models.vae import QwenImageVAE
@@ -104,23 +105,43 @@ class QwenImagePipeline:
         if quantize not in (None, 4, 8):
             raise ValueError(f"quantize must be None, 4 or 8, got {quantize!r}")
         dt = _dtype(dtype)
-        root = resolve(path_or_repo_id)
-        index = check_layout(root)
-        kind = index.get("_class_name", "")
-        if kind not in TEXT_TO_IMAGE_CLASSES:
-            raise CheckpointError(f"{root} holds a {kind or 'unknown'} checkpoint, not a text-to-image one")
+        root = resolve(path_or_repo_id, cls.COMPONENTS)
+        kind = check_layout(root, cls.REQUIRED).get("_class_name", "")
+        if kind not in cls.CLASSES:
+            raise CheckpointError(cls._wrong_checkpoint(root, kind))
         transformer = load_model(QwenImageTransformer, root / "transformer", dt)
         if quantize and not _is_quantized(transformer):
             quantize_model(transformer, bits=quantize)
         pipe = cls(
             transformer=transformer,
             vae=load_model(QwenImageVAE, root / "vae", dt),
-            text_encoder=load_model(QwenTextEncoder, root / "text_encoder", dt),
+            text_encoder=load_model(QwenTextEncoder, root / "text_encoder", dt, vision=cls.VISION),
             tokenizer=QwenTokenizer.from_pretrained(root / "tokenizer"),
             scheduler=FlowMatchEulerScheduler.from_config(read_json(root / "scheduler" / "scheduler_config.json")),
+            **cls._extra_components(root, kind),
         )
         pipe._text_encoder_source = (root / "text_encoder", dt)
         return pipe
+
+    COMPONENTS = REQUIRED = TEXT_TO_IMAGE
+    CLASSES = TEXT_TO_IMAGE_CLASSES
+    VISION = False
+
+    @staticmethod
+    def _wrong_checkpoint(root, kind: str) -> str:
+        if kind.startswith("QwenImageEdit"):
+            return f"{root} is an image-editing checkpoint ({kind}): use `mlx-qwen-image edit` (QwenImageEditPipeline)"
+        return f"{root} holds a {kind or 'unknown'} checkpoint, not a Qwen-Image text-to-image one"
+
+    @staticmethod
+    def _extra_components(root, kind: str) -> dict:
+        return {}
+
+    def load_lora(self, path, scale: float = 1.0) -> int:
+        """Apply a LoRA (safetensors) to the transformer; several LoRAs add up. Returns the layers changed."""
+        from .lora import apply_lora
+
+        return apply_lora(self.transformer, [(path, scale)])
 
     # -- text ----------------------------------------------------------------------------------------------
 
