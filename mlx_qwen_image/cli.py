@@ -59,12 +59,6 @@ def _nearest16(v: int) -> str:
     return f"{lo} or {lo + 16}" if v > lo else str(lo)
 
 
-def check_size(width: int, height: int):
-    for name, v in (("width", width), ("height", height)):
-        if v < 16 or v % 16:
-            raise UsageError(f"--{name} {v} is not a multiple of 16; use {_nearest16(v)}")
-
-
 def output_paths(output: str | None, seeds: list[int], overwrite: bool) -> list[Path]:
     """Where each image goes; refuses existing files (unless ``overwrite``) and unwritable folders up front."""
     if output is None:
@@ -114,73 +108,190 @@ def format_bytes(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def shared_options(fn):
+    """Options that generate and edit share."""
+    options = [
+        click.option("--steps", type=int, default=None, help="Denoising steps. [default: 50; 4/8 with --lightning]"),
+        click.option("--cfg-scale", type=float, default=None,
+                     help="True CFG scale; 1 turns CFG off. [default: 4.0; 1 with --lightning]"),
+        click.option("--negative-prompt", default=None, help='Negative prompt for CFG. [default: " "]'),
+        click.option("--seed", type=int, default=None, help="Random seed. [default: random]"),
+        click.option("--num-images", type=int, default=1, show_default=True, help="Images with consecutive seeds."),
+        click.option("--output", "-o", default=None, help="PNG file. [default: qwen-image-<time>-<seed>.png]"),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output file."),
+        click.option("--quantize", type=click.Choice(["4", "8"]), default=None,
+                     help="Quantize the transformer on load."),
+        click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True),
+        click.option("--low-memory", is_flag=True, help="Free the text encoder before denoising."),
+        click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+                     help="LoRA safetensors file, with an optional scale (repeatable; they add up)."),
+        click.option("--lightning", type=click.Choice(["4", "8"]), default=None,
+                     help="Qwen-Image-Lightning preset: 4 or 8 steps, CFG 1 and the Lightning scheduler "
+                          "(pass the Lightning LoRA with --lora, or a model with it baked in)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+class Run:
+    """The checks and bookkeeping generate and edit share: settings, outputs, loading, the step loop."""
+
+    def __init__(self, model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
+                 loras, lightning):
+        if lightning:
+            steps = int(lightning) if steps is None else steps
+            cfg_scale = 1.0 if cfg_scale is None else cfg_scale
+        steps = 50 if steps is None else steps
+        cfg_scale = 4.0 if cfg_scale is None else cfg_scale
+        if steps < 1:
+            raise UsageError(f"--steps {steps}: at least 1 step is needed")
+        if cfg_scale < 1:
+            raise UsageError(f"--cfg-scale {cfg_scale}: must be at least 1 (1 turns CFG off)")
+        if num_images < 1:
+            raise UsageError(f"--num-images {num_images}: must be at least 1")
+        from .lora import load_lora, parse_lora_arg
+
+        self.loras = [parse_lora_arg(text) for text in loras]
+        for path, _ in self.loras:
+            load_lora(path)  # a bad file is refused now, not after minutes of loading
+        seed = random.randrange(2**31) if seed is None else seed
+        self.seeds = [seed + i for i in range(num_images)]
+        self.paths = output_paths(output, self.seeds, overwrite)
+        self.model, self.steps, self.cfg_scale, self.dtype, self.low_memory = model, steps, cfg_scale, dtype, low_memory
+        self.quantize = int(quantize) if quantize else None
+        self.lightning = lightning
+        self.start = time.perf_counter()
+
+    def check_model(self, width=1024, height=1024):
+        from .loading import check_layout, is_repo_id, resolve
+        from .memory import warn_if_too_large
+
+        if not is_repo_id(self.model):  # a local folder: refuse a missing or incomplete one before anything else
+            check_layout(resolve(self.model))
+        warn_if_too_large(self.model, self.quantize, width, height, self.cfg_scale > 1, self.low_memory, self.dtype)
+
+    def load(self, pipeline_cls):
+        pipe = pipeline_cls.from_pretrained(self.model, quantize=self.quantize, dtype=self.dtype, loras=self.loras)
+        pipe.low_memory = self.low_memory
+        if self.lightning:
+            from .scheduler import lightning_scheduler
+
+            pipe.scheduler = lightning_scheduler()
+        return pipe
+
+    def metadata(self, seed, width, height, **extra):
+        return {
+            **extra,
+            "seed": seed, "steps": self.steps, "cfg_scale": self.cfg_scale, "width": width, "height": height,
+            "model": str(self.model), "quantization": f"{self.quantize}-bit" if self.quantize else "none",
+            "dtype": self.dtype,
+            "loras": ", ".join(f"{p}:{s:g}" for p, s in self.loras) or "none",
+            "scheduler": f"lightning-{self.lightning}" if self.lightning else "default",
+            "software": f"mlx-qwen-image {__version__}",
+        }
+
+    def save(self, pipe, run, total, seed, path, metadata):
+        """Evaluate the steps with a progress line, decode, write the PNG atomically."""
+        from .image import save_png
+        from .pipeline import run_steps
+
+        progress = Progress(total, f"seed {seed}")
+        latents = run_steps(run, total, lambda done, _: progress.update(done))
+        width, height = metadata["width"], metadata["height"]
+        save_png(pipe.decode(latents, width, height, output="pil")[0], path, metadata)
+        click.echo(f"saved {path}", err=True)
+
+    def done(self):
+        import mlx.core as mx
+
+        click.echo(f"done: {len(self.paths)} image(s) in {time.perf_counter() - self.start:.1f} s, "
+                   f"peak memory {format_bytes(mx.get_peak_memory())}", err=True)
+
+
+def _open_image(path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as f:
+            return f.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read image {path}: {e}") from None
+
+
 @cli.command()
 @click.argument("prompt")
 @click.option("--model", default="Qwen/Qwen-Image", show_default=True, help="Checkpoint folder or Hub repo id.")
 @click.option("--width", type=int, default=None, help="Image width (multiple of 16). [default: 1024]")
 @click.option("--height", type=int, default=None, help="Image height (multiple of 16). [default: 1024]")
 @click.option("--aspect", type=click.Choice(list(ASPECTS)), default=None, help="An official size preset.")
-@click.option("--steps", type=int, default=50, show_default=True)
-@click.option("--cfg-scale", type=float, default=4.0, show_default=True, help="True CFG scale; 1 turns CFG off.")
-@click.option("--negative-prompt", default=None, help='Negative prompt for CFG. [default: " "]')
-@click.option("--seed", type=int, default=None, help="Random seed. [default: random]")
-@click.option("--num-images", type=int, default=1, show_default=True, help="Images with consecutive seeds.")
-@click.option("--output", "-o", default=None, help="PNG file. [default: qwen-image-<time>-<seed>.png]")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-@click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the transformer on load.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
-@click.option("--low-memory", is_flag=True, help="Free the text encoder before denoising.")
+@click.option("--image", "init_image", default=None, help="img2img: start from this picture.")
+@click.option("--strength", type=float, default=0.6, show_default=True,
+              help="img2img: how much of the picture is redrawn, in (0, 1].")
+@shared_options
 @user_errors
-def generate(prompt, model, width, height, aspect, steps, cfg_scale, negative_prompt, seed, num_images, output,
-             overwrite, quantize, dtype, low_memory):
-    """Generate images from PROMPT."""
+def generate(prompt, model, width, height, aspect, init_image, strength, steps, cfg_scale, negative_prompt, seed,
+             num_images, output, overwrite, quantize, dtype, low_memory, loras, lightning):
+    """Generate images from PROMPT (or redraw --image, img2img)."""
     if aspect is not None and (width is not None or height is not None):
         raise UsageError("--aspect sets the size; do not combine it with --width/--height")
-    width, height = ASPECTS[aspect] if aspect else (width or 1024, height or 1024)
-    check_size(width, height)
-    if steps < 1:
-        raise UsageError(f"--steps {steps}: at least 1 step is needed")
-    if cfg_scale < 1:
-        raise UsageError(f"--cfg-scale {cfg_scale}: must be at least 1 (1 turns CFG off)")
-    if num_images < 1:
-        raise UsageError(f"--num-images {num_images}: must be at least 1")
-    seed = random.randrange(2**31) if seed is None else seed
-    seeds = [seed + i for i in range(num_images)]
-    paths = output_paths(output, seeds, overwrite)
-    quantize = int(quantize) if quantize else None
+    for name, v in (("width", width), ("height", height)):
+        if v is not None and (v < 16 or v % 16):
+            raise UsageError(f"--{name} {v} is not a multiple of 16; use {_nearest16(v)}")
+    if init_image is not None and not 0 < strength <= 1:
+        raise UsageError(f"--strength {strength}: must be in (0, 1]")
+    picture = _open_image(init_image) if init_image is not None else None
+    from .pipeline import QwenImagePipeline, img2img_steps, output_size
 
-    import mlx.core as mx
+    width, height = ASPECTS[aspect] if aspect else output_size(width, height, picture)
+    run = Run(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory, loras,
+              lightning)
+    run.check_model(width, height)
+    pipe = run.load(QwenImagePipeline)
+    total = run.steps if picture is None else img2img_steps(run.steps, strength)
+    for path, s in zip(run.paths, run.seeds):
+        steps_run = pipe.denoise(prompt, negative_prompt=negative_prompt, width=width, height=height,
+                                 steps=run.steps, cfg_scale=run.cfg_scale, seed=s, image=picture, strength=strength)
+        extra = {"image": str(init_image), "strength": strength} if picture is not None else {}
+        meta = run.metadata(s, width, height, prompt=prompt,
+                            negative_prompt=" " if negative_prompt is None else negative_prompt, **extra)
+        run.save(pipe, steps_run, total, s, path, meta)
+    run.done()
 
-    from .image import save_png
-    from .loading import check_layout, is_repo_id, resolve
-    from .memory import warn_if_too_large
-    from .pipeline import QwenImagePipeline
 
-    if not is_repo_id(model):  # a local folder: refuse a missing or incomplete one before anything else
-        check_layout(resolve(model))
-    warn_if_too_large(model, quantize, width, height, cfg_scale > 1, low_memory, dtype)
-    t0 = time.perf_counter()
-    pipe = QwenImagePipeline.from_pretrained(model, quantize=quantize, dtype=dtype)
-    pipe.low_memory = low_memory
-    for path, s in zip(paths, seeds):
-        progress = Progress(steps, f"seed {s}")
-        run = pipe.denoise(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-                           cfg_scale=cfg_scale, seed=s)
-        for i, latents in enumerate(run):
-            mx.eval(latents)
-            progress.update(i + 1)
-        image = pipe.decode(latents, width, height, output="pil")[0]
-        save_png(image, path, {
-            "prompt": prompt,
-            "negative_prompt": " " if negative_prompt is None else negative_prompt,
-            "seed": s, "steps": steps, "cfg_scale": cfg_scale, "width": width, "height": height,
-            "model": str(model), "quantization": f"{quantize}-bit" if quantize else "none", "dtype": dtype,
-            "software": f"mlx-qwen-image {__version__}",
-        })
-        click.echo(f"saved {path}", err=True)
-    peak = mx.get_peak_memory()
-    click.echo(f"done: {len(paths)} image(s) in {time.perf_counter() - t0:.1f} s, peak memory {format_bytes(peak)}",
-               err=True)
+@cli.command()
+@click.argument("prompt")
+@click.option("--image", "images", multiple=True, required=True, metavar="FILE",
+              help="Input picture (repeat for up to 3 with Edit-2509/2511).")
+@click.option("--model", default="Qwen/Qwen-Image-Edit-2509", show_default=True,
+              help="Editing checkpoint folder or Hub repo id.")
+@click.option("--width", type=int, default=None, help="Output width. [default: last picture's aspect, ~1024x1024]")
+@click.option("--height", type=int, default=None, help="Output height. [default: as --width]")
+@shared_options
+@user_errors
+def edit(prompt, images, model, width, height, steps, cfg_scale, negative_prompt, seed, num_images, output,
+         overwrite, quantize, dtype, low_memory, loras, lightning):
+    """Edit pictures as PROMPT says (Qwen-Image-Edit, Edit-2509, Edit-2511)."""
+    for name, v in (("width", width), ("height", height)):
+        if v is not None and (v < 16 or v % 16):
+            raise UsageError(f"--{name} {v} is not a multiple of 16; use {_nearest16(v)}")
+    if len(images) > 3:
+        raise UsageError(f"{len(images)} pictures given; the editing models take at most 3")
+    pictures = [_open_image(p) for p in images]
+    from .edit import QwenImageEditPipeline
+
+    run = Run(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory, loras,
+              lightning)
+    run.check_model(width or 1024, height or 1024)
+    pipe = run.load(QwenImageEditPipeline)
+    width, height = pipe.prepare_images(pictures, width, height)[2:]
+    for path, s in zip(run.paths, run.seeds):
+        steps_run = pipe.edit_steps(prompt, pictures, negative_prompt=negative_prompt, width=width, height=height,
+                                    steps=run.steps, cfg_scale=run.cfg_scale, seed=s)
+        meta = run.metadata(s, width, height, prompt=prompt, images=", ".join(images),
+                            negative_prompt=" " if negative_prompt is None else negative_prompt)
+        run.save(pipe, steps_run, run.steps, s, path, meta)
+    run.done()
 
 
 def main():

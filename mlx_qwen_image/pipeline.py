@@ -100,8 +100,12 @@ class QwenImagePipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path = DEFAULT_MODEL, quantize: int | None = None,
-                        dtype="bfloat16") -> "QwenImagePipeline":
-        """Load a diffusers-layout checkpoint (local folder or Hub repo id); weights are read lazily."""
+                        dtype="bfloat16", loras=()) -> "QwenImagePipeline":
+        """Load a diffusers-layout checkpoint (local folder or Hub repo id); weights are read lazily.
+
+        ``loras``: (path, scale) pairs, fused into the float weights before ``quantize`` applies (on an already
+        quantized checkpoint they run beside the quantized layers).
+        """
         if quantize not in (None, 4, 8):
             raise ValueError(f"quantize must be None, 4 or 8, got {quantize!r}")
         dt = _dtype(dtype)
@@ -110,6 +114,10 @@ class QwenImagePipeline:
         if kind not in cls.CLASSES:
             raise CheckpointError(cls._wrong_checkpoint(root, kind))
         transformer = load_model(QwenImageTransformer, root / "transformer", dt)
+        if loras:
+            from .lora import apply_lora
+
+            apply_lora(transformer, list(loras))
         if quantize and not _is_quantized(transformer):
             quantize_model(transformer, bits=quantize)
         pipe = cls(

@@ -131,3 +131,80 @@ def test_warns_before_loading_a_model_too_large_for_memory(monkeypatch, tmp_path
     monkeypatch.setattr(memory, "total_memory", lambda: 32 * 10**9)
     result = run("generate", "x", "--model", "nobody/not-cached", "--quantize", 4, "--low-memory")
     assert "warning" not in result.output
+
+
+def test_img2img(model, tmp_path):
+    source = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(source)
+    out = tmp_path / "redrawn.png"
+    result = generate(model, out, "--image", source, "--strength", 0.5, "--seed", 2)
+    assert result.exit_code == 0, result.output
+    meta = Image.open(out).text
+    assert (meta["image"], meta["strength"]) == (str(source), "0.5")
+    assert "1/1" in result.output  # int(2 - 2 * 0.5) of the 2 steps are skipped
+    _refused(generate(model, tmp_path / "x.png", "--image", source, "--strength", 0), "--strength 0.0: must be in")
+    _refused(generate(model, tmp_path / "x.png", "--image", tmp_path / "nope.png"), "cannot read image")
+
+
+def _lora_file(path, key="transformer_blocks.0.attn.to_q", rank=2, width=32):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(3)
+    save_file({f"transformer.{key}.lora_A.weight": rng.normal(size=(rank, width)).astype(np.float32),
+               f"transformer.{key}.lora_B.weight": rng.normal(size=(width, rank)).astype(np.float32)}, path)
+    return path
+
+
+def test_lora_and_lightning(model, tmp_path):
+    lora = _lora_file(tmp_path / "style.safetensors")
+    plain, styled, light = tmp_path / "plain.png", tmp_path / "styled.png", tmp_path / "light.png"
+    assert generate(model, plain, "--seed", 4).exit_code == 0
+    result = generate(model, styled, "--seed", 4, "--lora", f"{lora}:0.5")
+    assert result.exit_code == 0, result.output
+    assert Image.open(styled).text["loras"] == f"{lora}:0.5"
+    assert np.abs(np.asarray(Image.open(plain), int) - np.asarray(Image.open(styled))).max() > 0
+    result = run("generate", "x", "--model", model, "--width", 32, "--height", 32, "--dtype", "float32",
+                 "--lightning", 4, "--output", light)
+    assert result.exit_code == 0, result.output
+    meta = Image.open(light).text
+    assert (meta["steps"], meta["cfg_scale"], meta["scheduler"]) == ("4", "1.0", "lightning-4")
+    stray = _lora_file(tmp_path / "other.safetensors", key="some_other_model.layer")
+    _refused(generate(model, tmp_path / "x.png", "--lora", stray), "match no")
+    _refused(generate(model, tmp_path / "x.png", "--lora", tmp_path / "absent.safetensors"), "absent.safetensors")
+
+
+@pytest.fixture(scope="module")
+def edit_model(tmp_path_factory):
+    from test_edit import build_edit_checkpoint
+
+    from mlx_qwen_image.edit import PLUS_CLASS
+
+    folder = tmp_path_factory.mktemp("edit") / "ckpt"
+    build_edit_checkpoint(folder, PLUS_CLASS)
+    return str(folder)
+
+
+def test_edit_command(edit_model, model, tmp_path, monkeypatch):
+    import mlx_qwen_image.edit as edit
+
+    monkeypatch.setattr(edit, "VAE_AREA", 64 * 64)
+    monkeypatch.setattr(edit, "CONDITION_AREA", 56 * 56)
+    pictures = []
+    for i, size in enumerate([(60, 40), (40, 50)]):
+        pictures.append(tmp_path / f"p{i}.png")
+        Image.fromarray(np.full((size[1], size[0], 3), 60 * i, np.uint8)).save(pictures[-1])
+    out = tmp_path / "edited.png"
+    args = ["edit", "swap them", "--model", edit_model, "--steps", 2, "--dtype", "float32", "--seed", 1]
+    result = run(*args, "--image", pictures[0], "--image", pictures[1], "--output", out)
+    assert result.exit_code == 0, result.output
+    image = Image.open(out)
+    assert image.size == (64, 64)  # the last picture's aspect at the (test-sized) 64x64 area
+    assert image.text["images"] == f"{pictures[0]}, {pictures[1]}"
+    _refused(run(*args, "--image", pictures[0], "--output", out), "already exists")
+    _refused(run(*args, *["--image", pictures[0]] * 4, "--output", tmp_path / "y.png"), "at most 3")
+    _refused(run(*args, "--image", tmp_path / "missing.png", "--output", tmp_path / "y.png"), "cannot read image")
+    # The wrong kind of checkpoint for the command, both ways.
+    _refused(run("edit", "x", "--image", pictures[0], "--model", model, "--output", tmp_path / "y.png"),
+             "text-to-image checkpoint")
+    _refused(generate(edit_model, tmp_path / "y.png"), "image-editing checkpoint")
+    assert not (tmp_path / "y.png").exists()
