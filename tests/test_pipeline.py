@@ -196,14 +196,18 @@ def test_img2img_equals_diffusers(pipes, monkeypatch, strength, steps, cfg_scale
     assert rel_err(got[None] - 0.5, expected - 0.5) < 1e-3
 
 
-def test_img2img_default_size_and_bad_strength(pipes):
+def test_img2img_default_size_progress_and_bad_strength(pipes):
     from PIL import Image
+
+    from mlx_qwen_image.pipeline import output_size
 
     ours, _ = pipes
     image = Image.new("RGB", (300, 200), (200, 30, 30))
+    assert output_size(None, None, image) == (1248, 832)  # the picture's aspect at ~1024x1024, sides / 32
+    assert output_size(64, None, image) == (64, 832) and output_size(None, None) == (1024, 1024)
     calls = []
-    assert ours.generate("x", image=image, steps=2, cfg_scale=1.0, progress=lambda d, t: calls.append((d, t)),
-                         output="np").shape == (832, 1248, 3)[:0] + (832, 1248, 3)
+    ours.generate("x", image=image, width=32, height=32, steps=4, strength=0.5, cfg_scale=1.0, output="np",
+                  progress=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 2), (2, 2)]
     with pytest.raises(ValueError, match="strength must be in"):
         ours.generate("x", image=image, strength=0, steps=2)
