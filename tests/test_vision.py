@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import RELEASED, randomize_, rel_err, torch_weights
+from test_text_encoder import TINY_TEXT
 
 from mlx_qwen_image.config import TextEncoderConfig, VisionConfig
 from mlx_qwen_image.models.text_encoder import QwenTextEncoder, mrope_positions
@@ -17,17 +18,6 @@ from mlx_qwen_image.models.vision import VisionModel
 # blocks), the grids below split into several windows, partial ones at the right and bottom edges.
 TINY_VISION = dict(
     depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[1]
-)
-TINY_TEXT = dict(
-    vocab_size=152064,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-6,
-    # head_dim 16 = 8 frequency pairs: 2 temporal, 3 height, 3 width; theta 1e4 so positions matter.
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
 )
 IMAGE_PAD, VISION_START, VISION_END = 151655, 151652, 151653
 # Patch grids (t, h, w): 8x11 merge blocks (the height a multiple of the window), 5x14, and 3x2 (one window).
