@@ -92,8 +92,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
     def encode_prompt(self, prompt, images=None):
         """Text-and-picture features ``(B, L, 3584)`` and mask for each prompt with the same ``images``."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if self.text_encoder is None and self._text_encoder_source is not None:
-            self.text_encoder = self._reload_text_encoder()
+        self._ensure_text_encoder()
         pixel_values, grids = self.processor(images)
         if self.variant == PLUS_CLASS:
             pictures = "".join(f"Picture {i + 1}: {PICTURE}" for i in range(len(images)))
@@ -115,12 +114,6 @@ class QwenImageEditPipeline(QwenImagePipeline):
         )
         mask = mx.array(mask[:, EDIT_DROP:])
         return mx.where(mask[..., None].astype(mx.bool_), hidden[:, EDIT_DROP:], 0), mask
-
-    def _reload_text_encoder(self):
-        from .loading import load_model
-        from .models.text_encoder import QwenTextEncoder
-
-        return load_model(QwenTextEncoder, *self._text_encoder_source, vision=True)
 
     # -- editing -------------------------------------------------------------------------------------------
 

@@ -153,6 +153,11 @@ class QwenImagePipeline:
 
     # -- text ----------------------------------------------------------------------------------------------
 
+    def _ensure_text_encoder(self):
+        if self.text_encoder is None and self._text_encoder_source is not None:
+            self.text_encoder = load_model(QwenTextEncoder, *self._text_encoder_source, vision=self.VISION)
+        return self.text_encoder
+
     def free_text_encoder(self):
         """Drop the text encoder's weights; it is reloaded (lazily) the next time a prompt is encoded."""
         if self._text_encoder_source is not None:
@@ -176,8 +181,7 @@ class QwenImagePipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("encode_prompt needs at least one prompt")
-        if self.text_encoder is None and self._text_encoder_source is not None:
-            self.text_encoder = load_model(QwenTextEncoder, *self._text_encoder_source)
+        self._ensure_text_encoder()
         # The whole template is tokenized at once, as diffusers does, so a prompt's first token may merge
         # with the template's "\n"; positions, not strings, decide what is dropped.
         sequences = self.tokenizer.encode_batch([TEXT_TO_IMAGE_TEMPLATE.format(p) for p in prompts])
