@@ -294,6 +294,31 @@ def edit(prompt, images, model, width, height, steps, cfg_scale, negative_prompt
     run.done()
 
 
+@cli.command("convert")
+@click.option("--model", "source", default="Qwen/Qwen-Image", show_default=True,
+              help="Source checkpoint: a diffusers-layout folder or Hub repo id.")
+@click.option("--output", "-o", required=True, help="New folder for the MLX checkpoint (must not exist).")
+@click.option("--bits", type=click.Choice(["4", "8"]), default=None,
+              help="Quantize the transformer (mixed recipe). [default: float, in --dtype]")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="Weights per quantization scale and bias.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16"]), default="bfloat16", show_default=True,
+              help="dtype of the float weights and of the scales.")
+@click.option("--text-encoder-bits", type=click.Choice(["8"]), default=None,
+              help="Quantize the text encoder's language model too. [default: float]")
+@user_errors
+def convert_command(source, output, bits, group_size, dtype, text_encoder_bits):
+    """Convert a checkpoint into an MLX one (float, or 4/8-bit transformer) that loads by itself."""
+    from .convert import convert
+    from .convert.converter import format_summary
+
+    summary = convert(source, output, bits=int(bits) if bits else None, group_size=int(group_size), dtype=dtype,
+                      text_encoder_bits=int(text_encoder_bits) if text_encoder_bits else None,
+                      log=lambda line: click.echo(line, err=True))
+    for line in format_summary(summary):
+        click.echo(line)
+
+
 def main():
     try:
         cli(standalone_mode=True)

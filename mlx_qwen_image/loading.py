@@ -1,8 +1,9 @@
 """Finding, downloading and loading checkpoints in the diffusers layout.
 
 Loading is: lazy ``mx.load`` of every safetensors shard -> the model's ``sanitize`` -> ``nn.quantize`` of the
-layers that the checkpoint stores quantized (where ``<layer>.scales`` exists) -> cast -> strict
-``load_weights``. Nothing is read from disk until the arrays are evaluated. Only safetensors are read.
+layers that the checkpoint stores quantized (where ``<layer>.scales`` exists, with the bits and group size of
+config.json's ``quantization`` block) -> cast -> strict ``load_weights``. Nothing is read from disk until the
+arrays are evaluated. Only safetensors are read.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import re
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from .config import read_json
+from .quantize import apply_plan, plan_from_config, quantize_transformer
 
 DEFAULT_MODEL = "Qwen/Qwen-Image"
 TEXT_TO_IMAGE = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -108,14 +109,19 @@ def lazy_weights(folder: Path) -> dict[str, mx.array]:
     """Every tensor of a component's shards, as lazy arrays (read from disk only when evaluated)."""
     weights = {}
     for file in shard_files(folder):
-        try:
-            weights.update(mx.load(str(file)))
-        except Exception as e:
-            raise CheckpointError(
-                f"cannot read {file}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} "
-                "(the file is damaged or incomplete: download or convert it again)"
-            ) from None
+        weights.update(load_shard(file))
     return weights
+
+
+def load_shard(file: Path) -> dict[str, mx.array]:
+    """One safetensors file as lazy arrays; a damaged file is a `CheckpointError` naming it."""
+    try:
+        return mx.load(str(file))
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot read {file}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} "
+            "(the file is damaged or incomplete: download or convert it again)"
+        ) from None
 
 
 def _cast(weights: dict, dtype) -> dict:
@@ -130,13 +136,7 @@ def load_model(model_cls, folder: Path, dtype=mx.bfloat16, config: dict | None =
     weights = model.sanitize(lazy_weights(folder))
     quantized = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
     if quantized:
-        q = config.get("quantization", {})
-        nn.quantize(
-            model,
-            group_size=q.get("group_size", 64),
-            bits=q.get("bits", 4),
-            class_predicate=lambda path, module: path in quantized,
-        )
+        apply_plan(model, plan_from_config(config.get("quantization"), quantized))
     model.set_dtype(dtype)
     try:
         model.load_weights(list(_cast(weights, dtype).items()), strict=True)
@@ -145,11 +145,7 @@ def load_model(model_cls, folder: Path, dtype=mx.bfloat16, config: dict | None =
     return model
 
 
-def quantize_model(model, bits: int, group_size: int = 64):
-    """Group-wise affine quantization of the model's linear layers whose width the group size divides."""
-    nn.quantize(
-        model,
-        group_size=group_size,
-        bits=bits,
-        class_predicate=lambda path, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % group_size == 0,
-    )
+def quantize_model(model, bits: int, group_size: int = 64) -> dict:
+    """Quantize-on-load of a float transformer with the converter's recipe, so that it gets exactly the weights a
+    converted checkpoint holds; returns the plan."""
+    return quantize_transformer(model, bits, group_size)

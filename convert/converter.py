@@ -1,0 +1,320 @@
+"""Convert a diffusers-layout Qwen-Image checkpoint into an MLX checkpoint: float, or 4/8-bit transformer.
+
+The output is a complete checkpoint in the same layout (model_index.json, one folder per component, tokenizer
+and scheduler copied) whose weights carry our parameter names and layouts (what each model's ``sanitize``
+returns, so loading it is a plain strict load), in MLX safetensors shards of at most 5 GB with an index.
+
+It streams: every source shard is opened lazily, and tensors are cast, quantized, evaluated and written one
+output shard at a time, each source tensor dropped once its output exists, so the peak memory is about one
+output shard, not the model. It writes into a hidden folder next to the destination and renames it at the end:
+an interrupted conversion leaves no destination, and the partial folder has no model_index.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mlx_qwen_image import __version__
+from mlx_qwen_image.config import read_json
+from mlx_qwen_image.loading import (TEXT_TO_IMAGE, CheckpointError, check_layout, is_repo_id, load_shard, resolve,
+                                    shard_files)
+from mlx_qwen_image.models.text_encoder import QwenTextEncoder
+from mlx_qwen_image.models.transformer import QwenImageTransformer
+from mlx_qwen_image.models.vae import QwenImageVAE
+from mlx_qwen_image.quantize import (RECIPE, plan_bytes, quantization_block, quantize_weight,
+                                     text_encoder_plan, transformer_plan)
+
+MAX_SHARD_BYTES = 5 * 10**9
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16}
+# The components with weights, in the order they are converted; every other folder is copied as it is.
+MODELS = (("text_encoder", QwenTextEncoder), ("transformer", QwenImageTransformer), ("vae", QwenImageVAE))
+
+Transform = Callable[[dict], dict]
+GROUP_NAMES = {"img_in": "img_in", "io": "txt_in, norm_out.linear and proj_out", "time": "the timestep embedder",
+               "mod": "every img_mod/txt_mod", "first": "block 0", "last": "the last block", "body": "the rest"}
+
+
+def convert(source: str | Path, output: str | Path, bits: int | None = None, group_size: int = 64,
+            dtype: str = "bfloat16", text_encoder_bits: int | None = None, transform: Transform | None = None,
+            max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable[[str], None] = lambda line: None) -> list[dict]:
+    """Write the MLX checkpoint of ``source`` (a local folder or Hub repo id) into the new folder ``output``.
+
+    ``bits`` quantizes the transformer with the mixed recipe (`mlx_qwen_image.quantize`), ``text_encoder_bits``
+    the text encoder's language model; the VAE stays float. Float weights (and the quantization scales) are
+    written in ``dtype``. ``transform`` receives the transformer's float weights (our names, lazy arrays) before
+    quantization and returns the weights to write, same names and shapes (for example with a LoRA fused in).
+    Returns one summary row per component: name, bytes before and after, parameters, bits per weight.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if text_encoder_bits not in (None, 8):
+        raise ValueError(f"text_encoder_bits must be 8 or None, got {text_encoder_bits!r} (at 4 bits the text "
+                         "features change by 20-50% on the measured models)")
+    dest = Path(output).expanduser()
+    if dest.exists() or dest.is_symlink():
+        raise CheckpointError(f"{dest} already exists; choose a new --output folder (a conversion never overwrites)")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot write {dest}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {dest}: folder {parent} is not writable")
+    root = resolve(source, TEXT_TO_IMAGE + ("processor",))  # processor/: the editing models
+    index = check_layout(root)
+    jobs = [Component(name, cls, root / name) for name, cls in MODELS]
+    for job in jobs:
+        job.plan_for(bits if job.name == "transformer" else text_encoder_bits if job.name == "text_encoder" else None,
+                     group_size)
+    need = sum(job.estimate(DTYPES[dtype].size) for job in jobs)
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise CheckpointError(f"not enough disk space in {parent}: the conversion writes about {need / 1e9:.1f} GB, "
+                              f"{free / 1e9:.1f} GB are free")
+
+    tmp = parent / f".{dest.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        t0 = time.perf_counter()
+        for job in jobs:
+            job.write(tmp / job.name, DTYPES[dtype], transform if job.name == "transformer" else None,
+                      max_shard_bytes, log)
+        for name in index:
+            folder = root / name
+            if not name.startswith("_") and folder.is_dir() and name not in {job.name for job in jobs}:
+                _copy_files(folder, tmp / name)
+        summary = [job.summary() for job in jobs]
+        (tmp / "README.md").write_text(_model_card(source, dest, bits, group_size, dtype, text_encoder_bits, summary),
+                                       encoding="utf-8")
+        # model_index.json last: until it exists the partial folder is not a checkpoint.
+        shutil.copyfile(root / "model_index.json", tmp / "model_index.json")
+        if dest.exists():
+            raise CheckpointError(f"{dest} appeared during the conversion; the conversion is left unwritten")
+        os.rename(tmp, dest)
+        log(f"wrote {dest} in {time.perf_counter() - t0:.0f} s")
+        return summary
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class Component:
+    """One model folder: its lazily built model (shapes only), quantization plan, and the streaming write."""
+
+    def __init__(self, name: str, cls, folder: Path, shards: list[tuple[Path, dict]] | None = None):
+        """``shards``: (file, lazy tensors) pairs; by default the folder's safetensors files, opened lazily."""
+        self.name, self.folder = name, folder
+        self.config = read_json(folder / "config.json")
+        build = {"vision": True} if cls is QwenTextEncoder else {}
+        self.model = cls.from_config(self.config, **build)  # lazy: no parameter is allocated
+        if shards is None:
+            shards = [(file, load_shard(file)) for file in shard_files(folder)]
+        self.files = [file for file, _ in shards]
+        self.weights, self.origin = self._read(shards)
+        # The text encoder's vision tower is kept when the source has one (the editing models use it).
+        vision = any(k.startswith("visual.") for k in self.weights)
+        self.expected = {k: v for k, v in tree_flatten(self.model.parameters())
+                         if vision or not k.startswith("visual.")}
+        self._check(self.weights)
+        self.plan: dict = {}
+
+    def _read(self, shards) -> tuple[dict, dict]:
+        """Every tensor under our names, with the (file, source name) it came from."""
+        weights, origin = {}, {}
+        for file, shard in shards:
+            if any(k.endswith(".scales") for k in shard):
+                raise CheckpointError(f"{file} is already quantized; convert from the float checkpoint")
+            for source_name, value in shard.items():
+                # One tensor at a time, so that each of our names knows the source name it came from.
+                for name, v in self.model.sanitize({source_name: value}).items():
+                    if name in weights:
+                        raise CheckpointError(f"{file}: tensor {source_name} is also in {origin[name][0]}")
+                    weights[name], origin[name] = v, (file, source_name)
+        return weights, origin
+
+    def _check(self, weights: dict):
+        files = ", ".join(f.name for f in self.files)
+        for name, ref in self.expected.items():
+            if name not in weights:
+                raise CheckpointError(f"{self.name}: tensor {name} is missing from {files} in {self.folder}")
+            if weights[name].shape != ref.shape:
+                file, source_name = self.origin.get(name, (self.folder, name))
+                raise CheckpointError(f"{file}: tensor {source_name} has shape {tuple(weights[name].shape)}, "
+                                      f"{self.name}/config.json needs {tuple(ref.shape)}")
+        for name in weights:
+            if name not in self.expected:
+                file, source_name = self.origin.get(name, (self.folder, name))
+                raise CheckpointError(f"{file}: tensor {source_name} is not a parameter of the {self.name} "
+                                      f"that {self.name}/config.json describes")
+
+    def plan_for(self, bits: int | None, group_size: int):
+        if not bits:
+            self.plan = {}
+        elif self.name == "transformer":
+            self.plan = transformer_plan(self.model, bits, group_size)
+        elif self.name == "text_encoder":
+            self.plan = text_encoder_plan(self.model, bits, group_size)
+        else:
+            raise ValueError(f"the {self.name} is not quantized")
+
+    def estimate(self, dtype_bytes: int) -> int:
+        return plan_bytes({k: v.shape for k, v in self.weights.items()}, self.plan, dtype_bytes)[1]
+
+    def outputs(self, name: str, value: mx.array, dtype) -> dict[str, mx.array]:
+        """The tensors written for one float tensor: cast, or quantized as the plan says (lazy)."""
+        if mx.issubdtype(value.dtype, mx.floating):
+            value = value.astype(dtype)
+        layer = name[: -len(".weight")] if name.endswith(".weight") else None
+        if layer in self.plan:
+            return {f"{layer}.{k}": v for k, v in quantize_weight(value, self.plan[layer]).items()}
+        return {name: value}
+
+    def take_weights(self, transform: Transform | None = None) -> dict:
+        """The float weights to write (lazy), handed over: the component keeps no reference to them, so each
+        source tensor is freed once its output is written."""
+        weights, self.weights = self.weights, {}
+        if transform is not None:
+            weights = transform(weights)
+            self._check(weights)
+        return weights
+
+    def stream(self, weights: dict, dtype):
+        """The output tensors, one source tensor at a time (lazy), emptying ``weights`` as it goes."""
+        for name in list(weights):
+            yield self.outputs(name, weights.pop(name), dtype)
+
+    def write(self, dst: Path, dtype, transform: Transform | None, max_shard_bytes: int, log):
+        dst.mkdir()
+        weights = self.take_weights(transform)
+        self.params = sum(v.size for v in weights.values())
+        self.bytes_before = sum(f.stat().st_size for f in self.files)
+        # Shards keep the source's file stem: diffusers' diffusion_pytorch_model, transformers' model.
+        stem = "diffusion_pytorch_model" if self.files[0].name.startswith("diffusion_pytorch_model") else "model"
+        shard, shard_bytes, parts, weight_map = {}, 0, [], {}
+        for tensors in self.stream(weights, dtype):
+            mx.eval(list(tensors.values()))  # the source tensor is released here: only `tensors` refer to it
+            size = sum(v.nbytes for v in tensors.values())
+            if shard and shard_bytes + size > max_shard_bytes:
+                parts.append(self._flush(dst, stem, len(parts) + 1, shard, weight_map, log))
+                shard, shard_bytes = {}, 0
+            shard.update(tensors)
+            shard_bytes += size
+        if shard or not parts:
+            parts.append(self._flush(dst, stem, len(parts) + 1, shard, weight_map, log))
+        # Final names once the count is known, as Hugging Face names shards.
+        renames = {p: f"{stem}-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i, p in enumerate(parts)}
+        for old, new in renames.items():
+            os.rename(dst / old, dst / new)
+        weight_map = {k: renames[v] for k, v in sorted(weight_map.items())}
+        self.bytes_after = sum((dst / f).stat().st_size for f in renames.values())
+        _write_json(dst / f"{stem}.safetensors.index.json",
+                    {"metadata": {"format": "mlx", "total_size": self.bytes_after}, "weight_map": weight_map})
+        _write_json(dst / "config.json", self.output_config())
+        for extra in self.folder.glob("*.json"):  # e.g. generation_config.json; not the source's index
+            if extra.name != "config.json" and not extra.name.endswith(".index.json"):
+                shutil.copyfile(extra, dst / extra.name)
+
+    def output_config(self) -> dict:
+        """config.json with the mlx-lm style ``quantization`` block when the plan quantizes anything."""
+        config = {k: v for k, v in self.config.items() if k != "quantization"}
+        block = quantization_block(self.plan)
+        if block:
+            config["quantization"] = block
+        return config
+
+    def _flush(self, dst: Path, stem: str, number: int, shard: dict, weight_map: dict, log) -> str:
+        name = f"{stem}-{number:05d}.safetensors"
+        write_shard(dst / name, shard)
+        weight_map.update({k: name for k in shard})
+        log(f"{self.name}: shard {number} written ({sum(v.nbytes for v in shard.values()) / 1e9:.2f} GB, "
+            f"peak memory {mx.get_peak_memory() / 1e9:.2f} GB)")
+        shard.clear()
+        mx.clear_cache()
+        return name
+
+    def summary(self) -> dict:
+        return {"component": self.name, "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+                "params": self.params, "bits_per_weight": 8 * self.bytes_after / max(self.params, 1),
+                "quantized_layers": len(self.plan)}
+
+
+def write_shard(path: Path, tensors: dict[str, mx.array]):
+    """One MLX safetensors shard, with the ``{"format": "mlx"}`` metadata mlx-lm writes."""
+    mx.save_safetensors(str(path), tensors, metadata={"format": "mlx"})
+
+
+def _copy_files(src: Path, dst: Path):
+    """File contents only: a read-only source (a Hub cache, a fixture) must not make the output read-only."""
+    for file in sorted(src.rglob("*")):
+        if file.is_file():
+            target = dst / file.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, target)
+
+
+def _write_json(path: Path, data: dict):
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def format_summary(summary: list[dict]) -> list[str]:
+    """The table printed after a conversion."""
+    lines = [f"{'component':<14}{'before':>11}{'after':>11}{'bits/weight':>13}"]
+    for row in summary:
+        lines.append(f"{row['component']:<14}{row['bytes_before'] / 1e9:>8.2f} GB{row['bytes_after'] / 1e9:>8.2f} GB"
+                     f"{row['bits_per_weight']:>13.2f}")
+    before, after = sum(r["bytes_before"] for r in summary), sum(r["bytes_after"] for r in summary)
+    lines.append(f"{'total':<14}{before / 1e9:>8.2f} GB{after / 1e9:>8.2f} GB")
+    return lines
+
+
+def _model_card(source, dest: Path, bits, group_size, dtype, text_encoder_bits, summary) -> str:
+    command = f"mlx-qwen-image convert --model {source} --output {dest.name}"
+    if bits:
+        command += f" --bits {bits} --group-size {group_size}"
+    command += f" --dtype {dtype}"
+    if text_encoder_bits:
+        command += f" --text-encoder-bits {text_encoder_bits}"
+    if bits:
+        kept = "; ".join(f"{GROUP_NAMES[g]} {f'{b}-bit' if b else dtype}" for g, b in RECIPE.items())
+        transformer = f"{bits}-bit group-wise affine (group size {group_size}), except: {kept}"
+    else:
+        transformer = dtype
+    text = f"{text_encoder_bits}-bit (language model and token embedding; vision tower {dtype})" \
+        if text_encoder_bits else dtype
+    front = ["---", "library_name: mlx", "tags: [mlx, qwen-image, text-to-image]"]
+    if is_repo_id(source):
+        front.append(f"base_model: {source}")
+    front.append("---")
+    rows = "\n".join(f"| {r['component']} | {r['bytes_after'] / 1e9:.2f} GB | {r['bits_per_weight']:.2f} |"
+                     for r in summary)
+    return "\n".join(front) + f"""
+
+# {dest.name}
+
+An MLX checkpoint of `{source}` for mlx-qwen-image (Qwen-Image on Apple Silicon), made with mlx-qwen-image
+{__version__}:
+
+```
+{command}
+```
+
+- transformer: {transformer}
+- text encoder: {text}
+- VAE: {dtype}
+
+| component | size | bits per weight |
+|---|---|---|
+{rows}
+
+Load it with `QwenImagePipeline.from_pretrained("{dest.name}")` or
+`mlx-qwen-image generate "a prompt" --model {dest.name}`. The weights use mlx-qwen-image's parameter names and
+layouts (quantized layers as MLX `weight`/`scales`/`biases`), so diffusers and transformers cannot load them.
+The license is the source model's (Qwen-Image: Apache-2.0).
+"""
