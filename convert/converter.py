@@ -44,13 +44,16 @@ GROUP_NAMES = {"img_in": "img_in", "io": "txt_in, norm_out.linear and proj_out",
 
 def convert(source: str | Path, output: str | Path, bits: int | None = None, group_size: int = 64,
             dtype: str = "bfloat16", text_encoder_bits: int | None = None, transform: Transform | None = None,
-            max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable[[str], None] = lambda line: None) -> list[dict]:
+            max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable[[str], None] = lambda line: None,
+            loras=(), scheduler_config: dict | None = None) -> list[dict]:
     """Write the MLX checkpoint of ``source`` (a local folder or Hub repo id) into the new folder ``output``.
 
     ``bits`` quantizes the transformer with the mixed recipe (`mlx_qwen_image.quantize`), ``text_encoder_bits``
     the text encoder's language model; the VAE stays float. Float weights (and the quantization scales) are
     written in ``dtype``. ``transform`` receives the transformer's float weights (our names, lazy arrays) before
-    quantization and returns the weights to write, same names and shapes (for example with a LoRA fused in).
+    quantization and returns the weights to write, same names and shapes. ``loras`` ((path, scale) pairs) are
+    fused into those float weights before quantization; ``scheduler_config`` replaces the scheduler's config
+    (a Lightning model baked this way loads with its own scheduler).
     Returns one summary row per component: name, bytes before and after, parameters, bits per weight.
     """
     if dtype not in DTYPES:
@@ -58,6 +61,17 @@ def convert(source: str | Path, output: str | Path, bits: int | None = None, gro
     if text_encoder_bits not in (None, 8):
         raise ValueError(f"text_encoder_bits must be 8 or None, got {text_encoder_bits!r} (at 4 bits the text "
                          "features change by 20-50% on the measured models)")
+    if loras:
+        from mlx_qwen_image.lora import fuse_lora_weights, load_lora
+
+        loras = [(load_lora(path), scale) for path, scale in loras]  # a bad file is refused before any work
+        inner, target = transform, DTYPES[dtype]
+
+        def transform(weights):
+            # Fused in the output dtype, as quantize-on-load fuses into the loaded weights: identical results.
+            weights = inner(weights) if inner else weights
+            cast = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+            return fuse_lora_weights(cast, loras)
     dest = Path(output).expanduser()
     if dest.exists() or dest.is_symlink():
         raise CheckpointError(f"{dest} already exists; choose a new --output folder (a conversion never overwrites)")
@@ -90,9 +104,18 @@ def convert(source: str | Path, output: str | Path, bits: int | None = None, gro
             folder = root / name
             if not name.startswith("_") and folder.is_dir() and name not in {job.name for job in jobs}:
                 _copy_files(folder, tmp / name)
+        if scheduler_config is not None:
+            _write_json(tmp / "scheduler" / "scheduler_config.json",
+                        {"_class_name": "FlowMatchEulerDiscreteScheduler", **scheduler_config})
         summary = [job.summary() for job in jobs]
-        (tmp / "README.md").write_text(_model_card(source, dest, bits, group_size, dtype, text_encoder_bits, summary),
-                                       encoding="utf-8")
+        card = _model_card(source, dest, bits, group_size, dtype, text_encoder_bits, summary)
+        if loras:
+            card += "\nLoRAs fused into the transformer before quantization: " + ", ".join(
+                f"{lora.name}:{scale:g}" for lora, scale in loras) + ".\n"
+        if scheduler_config is not None:
+            card += "\nThe scheduler config was replaced (Lightning preset: exponential shift ln 3, no terminal " \
+                    "stretch); run it with the step count its LoRA was distilled for and CFG 1.\n"
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         # model_index.json last: until it exists the partial folder is not a checkpoint.
         shutil.copyfile(root / "model_index.json", tmp / "model_index.json")
         if dest.exists():

@@ -306,15 +306,22 @@ def edit(prompt, images, model, width, height, steps, cfg_scale, negative_prompt
               help="dtype of the float weights and of the scales.")
 @click.option("--text-encoder-bits", type=click.Choice(["8"]), default=None,
               help="Quantize the text encoder's language model too. [default: float]")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+              help="Bake a LoRA into the transformer before quantization (repeatable).")
+@click.option("--lightning", is_flag=True,
+              help="Write the Qwen-Image-Lightning scheduler config (for a baked Lightning LoRA).")
 @user_errors
-def convert_command(source, output, bits, group_size, dtype, text_encoder_bits):
+def convert_command(source, output, bits, group_size, dtype, text_encoder_bits, loras, lightning):
     """Convert a checkpoint into an MLX one (float, or 4/8-bit transformer) that loads by itself."""
     from .convert import convert
     from .convert.converter import format_summary
+    from .lora import parse_lora_arg
+    from .scheduler import LIGHTNING_SCHEDULER_CONFIG
 
     summary = convert(source, output, bits=int(bits) if bits else None, group_size=int(group_size), dtype=dtype,
                       text_encoder_bits=int(text_encoder_bits) if text_encoder_bits else None,
-                      log=lambda line: click.echo(line, err=True))
+                      log=lambda line: click.echo(line, err=True), loras=[parse_lora_arg(t) for t in loras],
+                      scheduler_config=LIGHTNING_SCHEDULER_CONFIG if lightning else None)
     for line in format_summary(summary):
         click.echo(line)
 

@@ -272,3 +272,37 @@ def test_bad_source_names_tensor_and_file(source, tmp_path, edit, words):
     for w in words + ["diffusion_pytorch_model.safetensors"]:
         assert w in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_baked_lora_and_lightning_scheduler(source, tmp_path):
+    from safetensors.numpy import save_file
+
+    from mlx_qwen_image.scheduler import LIGHTNING_SCHEDULER_CONFIG
+
+    rng = np.random.default_rng(5)
+    lora = tmp_path / "lightning.safetensors"
+    key = "transformer.transformer_blocks.1.img_mlp.net.2"
+    save_file({f"{key}.lora_A.weight": rng.normal(size=(4, 512)).astype(np.float32) * 0.1,
+               f"{key}.lora_B.weight": rng.normal(size=(128, 4)).astype(np.float32) * 0.1}, lora)
+    out = tmp_path / "baked"
+    result = CliRunner().invoke(cli, ["convert", "--model", str(source), "--output", str(out), "--bits", "8",
+                                      "--lora", f"{lora}:0.7", "--lightning"])
+    assert result.exit_code == 0, result.output
+    # Baking equals fusing on load before quantization, weight for weight.
+    baked = QwenImagePipeline.from_pretrained(out, dtype="bfloat16")
+    on_load = QwenImagePipeline.from_pretrained(source, quantize=8, dtype="bfloat16", loras=[(lora, 0.7)])
+    plain = QwenImagePipeline.from_pretrained(source, quantize=8, dtype="bfloat16")
+    a, b = dict(tree_flatten(baked.transformer.parameters())), dict(tree_flatten(on_load.transformer.parameters()))
+    assert all(mx.array_equal(a[k], b[k]) for k in a)
+    path = "transformer_blocks.1.img_mlp.net.2.weight"
+    assert not mx.array_equal(a[path], dict(tree_flatten(plain.transformer.parameters()))[path])
+    stored = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert {k: stored[k] for k in LIGHTNING_SCHEDULER_CONFIG} == LIGHTNING_SCHEDULER_CONFIG
+    np.testing.assert_allclose(baked.scheduler.sigmas(4, 4096)[:-1], [1.0, 0.9, 0.75, 0.5], rtol=1e-6)
+    assert "lightning.safetensors:0.7" in (out / "README.md").read_text()
+    # A LoRA for another model is refused, and nothing is left behind.
+    save_file({"transformer.nowhere.lora_A.weight": np.zeros((2, 8), np.float32),
+               "transformer.nowhere.lora_B.weight": np.zeros((8, 2), np.float32)}, tmp_path / "bad.safetensors")
+    result = CliRunner().invoke(cli, ["convert", "--model", str(source), "--output", str(tmp_path / "never"),
+                                      "--lora", str(tmp_path / "bad.safetensors")])
+    assert result.exit_code == 1 and "match no" in result.output and not (tmp_path / "never").exists()
