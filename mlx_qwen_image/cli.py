@@ -326,6 +326,26 @@ def convert_command(source, output, bits, group_size, dtype, text_encoder_bits, 
         click.echo(line)
 
 
+@cli.command("benchmark", add_help_option=False,
+             context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def benchmark_command(args):
+    """Speed and memory with random weights: s/step, efficiency against MLX's matmul, CUDA/Mac figures.
+
+    Options as `python -m benchmarks.bench` (see `mlx-qwen-image benchmark --help`); needs a source checkout.
+    """
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "bench.py").is_file():
+        raise UsageError("the benchmark lives in the benchmarks/ folder of a source checkout of mlx-qwen-image")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.bench import main as bench_main
+
+    code = bench_main(list(args), prog="mlx-qwen-image benchmark")
+    if code:
+        raise SystemExit(code)
+
+
 def main():
     try:
         cli(standalone_mode=True)

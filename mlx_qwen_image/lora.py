@@ -30,6 +30,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .models.modulation import set_module
+
 _PREFIXES = ("transformer.", "diffusion_model.", "model.diffusion_model.", "base_model.model.")
 _KOHYA_PREFIX = "lora_unet_"
 _WEIGHT_KEY = re.compile(
@@ -268,17 +270,6 @@ def _dims(layer) -> tuple[int, int]:
     return (out_dims, cols * 32 // layer.bits) if isinstance(layer, nn.QuantizedLinear) else (out_dims, cols)
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    *parents, last = path.split(".")
-    parent = model
-    for part in parents:
-        parent = parent[int(part)] if isinstance(parent, list) else getattr(parent, part)
-    if isinstance(parent, list):
-        parent[int(last)] = module
-    else:
-        setattr(parent, last, module)
-
-
 def apply_lora(model: nn.Module, loras) -> int:
     """Apply ``loras`` ([(source, scale)], sources as for `load_lora`) to ``model`` in place.
 
@@ -323,7 +314,7 @@ def apply_lora(model: nn.Module, loras) -> int:
         else:
             wrapper = LoRALinear(layer, down, up.astype(dtype), bias)
             mx.eval(wrapper.parameters())
-            _set_module(model, path, wrapper)
+            set_module(model, path, wrapper)
     return len(per_path)
 
 

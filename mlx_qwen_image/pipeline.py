@@ -19,8 +19,8 @@ from PIL import Image
 
 from .config import read_json
 from .image import array_to_numpy, array_to_pil, pil_to_array
-from .loading import (DEFAULT_MODEL, TEXT_TO_IMAGE, CheckpointError, check_layout, load_model, quantize_model,
-                      resolve)
+from .loading import (DEFAULT_MODEL, TEXT_TO_IMAGE, CheckpointError, check_layout, lazy_weights, load_model,
+                      quantize_model, resolve)
 from .models.text_encoder import QwenTextEncoder
 from .models.transformer import QwenImageTransformer
 from .models.vae import QwenImageVAE
@@ -97,6 +97,8 @@ class QwenImagePipeline:
         self.low_memory = False
         self.stats: dict[str, dict[str, float]] = {}
         self._text_encoder_source: tuple[Path, mx.Dtype] | None = None
+        self._transformer_source: Path | None = None
+        self.loras: list[tuple] = []  # (source, scale) fused or added into the transformer
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path = DEFAULT_MODEL, quantize: int | None = None,
@@ -129,6 +131,8 @@ class QwenImagePipeline:
             **cls._extra_components(root, kind),
         )
         pipe._text_encoder_source = (root / "text_encoder", dt)
+        pipe._transformer_source = root / "transformer"
+        pipe.loras = list(loras)
         return pipe
 
     COMPONENTS = REQUIRED = TEXT_TO_IMAGE
@@ -149,7 +153,9 @@ class QwenImagePipeline:
         """Apply a LoRA (safetensors) to the transformer; several LoRAs add up. Returns the layers changed."""
         from .lora import apply_lora
 
-        return apply_lora(self.transformer, [(path, scale)])
+        changed = apply_lora(self.transformer, [(path, scale)])
+        self.loras.append((path, scale))
+        return changed
 
     # -- text ----------------------------------------------------------------------------------------------
 
@@ -292,23 +298,34 @@ class QwenImagePipeline:
     def sample(self, x, embeds, mask, sigmas, timesteps, cfg_scale, img_shapes, reference=None):
         """The denoising loop proper: one transformer call per step ([cond; uncond] stacked under CFG).
 
+        The timestep path (every ``*_mod`` layer, 6.8B parameters) runs once for the whole schedule before the
+        loop; with ``low_memory`` its weights are freed for the loop and come back lazily from the checkpoint.
         ``reference`` (packed latents of Edit reference images) is appended to the image tokens of every call.
         """
         batch, n, cfg = x.shape[0], x.shape[1], cfg_scale > 1
         model = self.transformer
-        for i in range(len(timesteps)):
-            # The reference feeds timestep / 1000 (not sigma itself); equal up to float32 rounding.
-            t = mx.full((2 * batch if cfg else batch,), timesteps[i] / np.float32(1000), dtype=mx.float32)
-            inp = x.astype(model.dtype)
-            if reference is not None:
-                inp = mx.concatenate([inp, mx.broadcast_to(reference, (batch, *reference.shape[1:]))], axis=1)
-            v = model(mx.concatenate([inp, inp]) if cfg else inp, embeds, mask, t, img_shapes)
-            if reference is not None:
-                v = v[:, :n]
-            if cfg:
-                v = guided(v[:batch], v[batch:], cfg_scale)
-            x = self.scheduler.step(x, v, sigmas[i], sigmas[i + 1])
-            yield x
+        # The reference feeds timestep / 1000 (not sigma itself); equal up to float32 rounding.
+        t_all = np.asarray(timesteps, dtype=np.float32) / np.float32(1000)
+        # A fused LoRA is not in the checkpoint the weights would come back from: then they stay.
+        drop = self.low_memory and self._transformer_source is not None and not self.loras
+        table = model.modulation_table(t_all, drop_weights=drop)
+        try:
+            for i in range(len(timesteps)):
+                t = mx.full((2 * batch if cfg else batch,), t_all[i], dtype=mx.float32)
+                inp = x.astype(model.dtype)
+                if reference is not None:
+                    inp = mx.concatenate([inp, mx.broadcast_to(reference, (batch, *reference.shape[1:]))], axis=1)
+                v = model(mx.concatenate([inp, inp]) if cfg else inp, embeds, mask, t, img_shapes,
+                          modulations=table[i])
+                if reference is not None:
+                    v = v[:, :n]
+                if cfg:
+                    v = guided(v[:batch], v[batch:], cfg_scale)
+                x = self.scheduler.step(x, v, sigmas[i], sigmas[i + 1])
+                yield x
+        finally:
+            if drop:  # lazy: read from disk again only when the next run's table needs them
+                model.restore_modulation_weights(lazy_weights(self._transformer_source))
 
     def decode(self, latents: mx.array, width: int, height: int, output: str = "pil"):
         """Packed latents -> a list of PIL images, or (B, H, W, 3) float32 numpy in [0, 1] for "np"."""

@@ -211,3 +211,24 @@ def test_img2img_default_size_progress_and_bad_strength(pipes):
     assert calls == [(1, 2), (2, 2)]
     with pytest.raises(ValueError, match="strength must be in"):
         ours.generate("x", image=image, strength=0, steps=2)
+
+
+def test_low_memory_frees_the_timestep_weights_during_the_loop(pipes):
+    ours, _ = pipes
+    model = ours.transformer
+    ours.low_memory = True
+    try:
+        run = ours.denoise("x", width=32, height=32, steps=3, cfg_scale=2.0, seed=1)
+        first = next(run)
+        mx.eval(first)
+        assert model.modulation_weights_dropped  # img_mod/txt_mod/norm_out.linear gone while denoising
+        *_, last = run
+        assert not model.modulation_weights_dropped  # back (lazily) once the run ends
+        run = ours.denoise("x", width=32, height=32, steps=3, cfg_scale=2.0, seed=1)
+        next(run)
+        run.close()  # stopping early restores them too
+        assert not model.modulation_weights_dropped
+    finally:
+        ours.low_memory = False
+    again = ours.generate("x", width=32, height=32, steps=3, cfg_scale=2.0, seed=1, output="np")
+    np.testing.assert_array_equal(ours.decode(last, 32, 32, output="np")[0], again)

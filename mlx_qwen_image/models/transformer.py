@@ -2,6 +2,10 @@
 
 Attribute names follow the diffusers checkpoint keys (``transformer_blocks.0.attn.to_q``, ``img_mod.1``,
 ``img_mlp.net.0.proj`` ...), so loading is a strict ``load_weights`` after a near-trivial ``sanitize``.
+
+The timestep path (time embedder, every block's ``img_mod``/``txt_mod``, ``norm_out.linear``: 6.8B of the
+20.4B parameters) depends on the timestep alone: `modulation_table` computes it for a whole schedule in one
+matmul per layer and can free those weights for the loop (`restore_modulation_weights` brings them back).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import TransformerConfig
+from .modulation import DroppedLinear, ModulationTable, get_module, set_module
 from .rope import RopeCache, apply_rope
 
 EPS = 1e-6
@@ -105,8 +110,32 @@ class JointAttention(nn.Module):
         return self.to_out[0](out[:, L:]), self.to_add_out(out[:, :L])
 
 
+# Elementwise tails fused by mx.compile: one pass over the activations instead of two. A module switch so
+# that the benchmark can measure both ways (benchmarks/bench.py --no-compile).
+COMPILE = True
+
+
+def _affine(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def _gated(x, gate, y):
+    return x + gate * y
+
+
+_affine_compiled = mx.compile(_affine)
+_gated_compiled = mx.compile(_gated)
+
+
 def _modulate(x, shift, scale):
-    return mx.fast.layer_norm(x, None, None, EPS) * (1 + scale) + shift
+    # Fused on the GPU only: on the CPU backend the fused modulate measured slower than eager, while the
+    # fused residual measured faster (benchmarks/results/cpu-elementwise.md).
+    fuse = COMPILE and mx.default_device().type == mx.gpu
+    return (_affine_compiled if fuse else _affine)(mx.fast.layer_norm(x, None, None, EPS), shift, scale)
+
+
+def _residual(x, gate, y):
+    return (_gated_compiled if COMPILE else _gated)(x, gate, y)
 
 
 class TransformerBlock(nn.Module):
@@ -123,12 +152,13 @@ class TransformerBlock(nn.Module):
         return self.img_mod[1](nn.silu(img_temb))[:, None], self.txt_mod[1](nn.silu(txt_temb))[:, None]
 
     def __call__(self, img, txt, img_mod, txt_mod, rope, mask=None, cond_index=None):
-        """``img_mod``/``txt_mod`` come from `modulation`. With ``cond_index`` (Edit-2511), ``img_mod`` holds
-        two rows per item, [t; 0], and image tokens where ``cond_index`` is True take the t = 0 row."""
+        """``img_mod``/``txt_mod`` come from `modulation` (one row per item, or one row for the whole batch).
+        With ``cond_index`` (Edit-2511), ``img_mod`` holds [t rows; t = 0 rows] and image tokens where
+        ``cond_index`` is True take the t = 0 rows."""
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = mx.split(img_mod, 6, axis=-1)
         if cond_index is not None:
-            B = img.shape[0]
-            pick = lambda m: mx.where(cond_index, m[B:], m[:B])  # noqa: E731
+            half = img_mod.shape[0] // 2
+            pick = lambda m: mx.where(cond_index, m[half:], m[:half])  # noqa: E731
             i_shift1, i_scale1, i_gate1 = pick(i_shift1), pick(i_scale1), pick(i_gate1)
             i_shift2, i_scale2, i_gate2 = pick(i_shift2), pick(i_scale2), pick(i_gate2)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = mx.split(txt_mod, 6, axis=-1)
@@ -136,10 +166,10 @@ class TransformerBlock(nn.Module):
         img_attn, txt_attn = self.attn(
             _modulate(img, i_shift1, i_scale1), _modulate(txt, t_shift1, t_scale1), rope, mask
         )
-        img = img + i_gate1 * img_attn
-        txt = txt + t_gate1 * txt_attn
-        img = img + i_gate2 * self.img_mlp(_modulate(img, i_shift2, i_scale2))
-        txt = txt + t_gate2 * self.txt_mlp(_modulate(txt, t_shift2, t_scale2))
+        img = _residual(img, i_gate1, img_attn)
+        txt = _residual(txt, t_gate1, txt_attn)
+        img = _residual(img, i_gate2, self.img_mlp(_modulate(img, i_shift2, i_scale2)))
+        txt = _residual(txt, t_gate2, self.txt_mlp(_modulate(txt, t_shift2, t_scale2)))
         return img, txt
 
 
@@ -179,6 +209,7 @@ class QwenImageTransformer(nn.Module):
         self.norm_out = AdaNormOut(dim)
         self.proj_out = nn.Linear(dim, config.patch_size**2 * config.out_channels)
         self.rope_cache = RopeCache(config.axes_dims_rope, config.rope_theta)
+        self._masks = _MaskMemo()
 
     @classmethod
     def from_config(cls, config: dict) -> "QwenImageTransformer":
@@ -192,7 +223,8 @@ class QwenImageTransformer(nn.Module):
 
     @property
     def dtype(self):
-        return self.img_in.weight.dtype
+        # A norm gain: never quantized, unlike a linear weight (which would then read as uint32).
+        return self.txt_norm.weight.dtype
 
     def time_embedding(self, sigma: mx.array) -> mx.array:
         """temb for a batch of sigmas; with ``zero_cond_t`` the t = 0 rows are appended."""
@@ -208,6 +240,62 @@ class QwenImageTransformer(nn.Module):
         mods = [blk.modulation(temb, txt_temb) for blk in self.transformer_blocks]
         return mods, self.norm_out.modulation(txt_temb)
 
+    def modulation_table(self, timesteps, drop_weights: bool = False) -> "ModulationTable":
+        """The modulations of every step of a schedule: ``table[i]`` is step ``i``'s ``modulations=``.
+
+        ``timesteps``: the (steps,) values `__call__` would get as ``timestep``. One matmul per layer over all
+        steps, evaluated layer by layer; with ``drop_weights`` each layer is freed once used, so the timestep
+        path never sits in memory beside the rest (see `restore_modulation_weights`).
+        """
+        paths = self.modulation_layer_paths()
+        for path in paths if drop_weights else ():  # refuse before anything is dropped
+            DroppedLinear.check(get_module(self, path), path)
+        drop = self._drop if drop_weights else (lambda *_: None)
+        t = mx.array(timesteps).reshape(-1)
+        sigma = t.astype(self.dtype)
+        if self.config.zero_cond_t:
+            sigma = mx.concatenate([sigma, mx.zeros((1,), sigma.dtype)])  # one shared t = 0 row
+        act = nn.silu(self.time_text_embed(sigma, self.dtype))
+        act_txt = act[: t.shape[0]]
+        mx.eval(act)
+        drop(*paths[:2])
+        blocks = []
+        for i, blk in enumerate(self.transformer_blocks):
+            blocks.append((blk.img_mod[1](act), blk.txt_mod[1](act_txt)))
+            mx.eval(blocks[-1])
+            drop(*paths[2 + 2 * i : 4 + 2 * i])
+        out = self.norm_out.linear(act_txt)
+        mx.eval(out)
+        drop(paths[-1])
+        return ModulationTable(blocks, out, self.config.zero_cond_t)
+
+    def modulation_layer_paths(self) -> list[str]:
+        """The layers `modulation_table` can drop: the time embedder, every ``*_mod.1``, ``norm_out.linear``."""
+        paths = ["time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2"]
+        for i in range(len(self.transformer_blocks)):
+            paths += [f"transformer_blocks.{i}.img_mod.1", f"transformer_blocks.{i}.txt_mod.1"]
+        return paths + ["norm_out.linear"]
+
+    @property
+    def modulation_weights_dropped(self) -> bool:
+        return any(isinstance(m, DroppedLinear) for _, m in self.named_modules())
+
+    def _drop(self, *paths):
+        for path in paths:
+            set_module(self, path, DroppedLinear(get_module(self, path), path))
+        mx.clear_cache()
+
+    def restore_modulation_weights(self, weights: dict):
+        """Rebuild the dropped layers from checkpoint weights (``loading.lazy_weights(folder)``: lazy, so only
+        those layers are read, when next used), in the dtype and quantization they had when dropped. LoRAs fused
+        into those layers are not in the checkpoint: pass weights with them fused (``lora.fuse_lora_weights``)."""
+        weights = self.sanitize(weights)
+        for path, layer in self.named_modules():
+            if isinstance(layer, DroppedLinear):
+                prefix = path + "."
+                own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+                set_module(self, path, layer.rebuild(own))
+
     def __call__(
         self,
         hidden_states: mx.array,
@@ -220,7 +308,9 @@ class QwenImageTransformer(nn.Module):
         """Velocity for packed latents (B, N, 64) given text features (B, L, 3584), the text mask (B, L) or
         None, sigma (B,), and per item the (frames, H/16, W/16) of each image segment.
 
-        ``modulations`` (from `modulations`) skips the timestep path when the caller precomputed it.
+        ``modulations`` (from `modulations`, or a `modulation_table` row) skips the timestep path. A mask of all
+        ones means no mask; that check syncs with the device once per mask object, so pass the same (unchanged)
+        mask at every step.
         """
         dtype = self.dtype
         B, N, _ = hidden_states.shape
@@ -234,12 +324,30 @@ class QwenImageTransformer(nn.Module):
 
         # RoPE follows the first item's segments; every item of a batch has the same image layout.
         rope = self.rope_cache(img_shapes[0], L)
-        mask = _key_mask(encoder_hidden_states_mask, N)
+        mask = self._masks(encoder_hidden_states_mask, N)
         cond_index = _reference_tokens(img_shapes, N) if self.config.zero_cond_t else None
 
         for block, (img_mod, txt_mod) in zip(self.transformer_blocks, block_mods):
             img, txt = block(img, txt, img_mod, txt_mod, rope, mask, cond_index)
         return self.proj_out(self.norm_out(img, out_mod))
+
+
+class _MaskMemo:
+    """The key mask of the last text mask seen. The pipeline passes one mask object to every step, so the
+    all-ones check (a host synchronisation) runs once per run instead of once per step."""
+
+    def __init__(self):
+        self.source = self.n_img = self.mask = None
+
+    def __call__(self, text_mask, n_img: int):
+        if text_mask is None:
+            return None
+        if text_mask is self.source and n_img == self.n_img:
+            return self.mask
+        mask = _key_mask(text_mask, n_img)
+        if isinstance(text_mask, mx.array):  # numpy masks are often reused buffers: not memoised
+            self.source, self.n_img, self.mask = text_mask, n_img, mask
+        return mask
 
 
 def _key_mask(text_mask, n_img: int):

@@ -1,0 +1,326 @@
+"""Speed and memory of mlx-qwen-image with random weights: no checkpoint or download needed.
+
+Phases run in the pipeline's order, each with the previous one freed: a plain MLX matmul (the reference rate),
+the text encoder, the transformer (modulation precompute, then denoising steps with CFG on and off), the VAE
+decoder. Every figure is the median of ``--trials`` runs after ``--warmup`` runs, with a fixed seed.
+
+The transformer runs ``--blocks`` full-width blocks (auto: as many of the 60 as memory allows on a GPU, 1 on the
+CPU); the text encoder ``--text-layers`` of its 28 layers. Full-model times are extrapolated from those in
+proportion to the counted FLOPs and marked so; the VAE and matmul figures are measured as they are.
+
+    python -m benchmarks.bench                          # defaults for this machine
+    python -m benchmarks.bench --width 1328 --height 1328 --quantize 8 --steps 50
+    mlx-qwen-image benchmark --blocks 4                 # the same, from the CLI
+
+Writes ``<out>.json`` and ``<out>.md`` (default: benchmarks/results/<device>-<size>-<blocks>b-<dtype>[-qN]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_qwen_image import memory
+from mlx_qwen_image.config import TextEncoderConfig, TransformerConfig, VAEConfig
+from mlx_qwen_image.models import transformer as transformer_module
+from mlx_qwen_image.models.text_encoder import QwenTextEncoder
+from mlx_qwen_image.models.transformer import QwenImageTransformer
+from mlx_qwen_image.models.vae import QwenImageVAE
+from mlx_qwen_image.pipeline import guided
+from mlx_qwen_image.scheduler import FlowMatchEulerScheduler
+from mlx_qwen_image.tokenizer import TEXT_TO_IMAGE_DROP
+
+from .flops import MatmulReference, block_matmul_shapes, text_encoder_flops, transformer_step_flops
+from .report import markdown, reference_rows
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+FULL_BLOCKS, FULL_TEXT_LAYERS = TransformerConfig.num_layers, TextEncoderConfig.num_hidden_layers
+NEGATIVE_TOKENS = TEXT_TO_IMAGE_DROP + 6  # the default negative prompt " " with its template
+# CI-sized components (--tiny): the code paths of the real ones at a few thousandths of their cost.
+TINY = {
+    "transformer": dict(num_attention_heads=2, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
+                        joint_attention_dim=64),
+    "text": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, mrope_section=(2, 3, 3)),
+    "vae": dict(base_dim=8, dim_mult=(1, 2, 2, 2)),
+}
+
+
+def parse_args(argv=None, prog: str = "python -m benchmarks.bench") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--width", type=int, default=None, help="image width (default: 1024 on a GPU, 64 on the CPU)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: as --width)")
+    p.add_argument("--blocks", default="auto", help="transformer blocks to run, or auto (memory permitting)")
+    p.add_argument("--text-tokens", type=int, default=None, help="prompt features (default 64; 16 on the CPU)")
+    p.add_argument("--text-layers", type=int, default=None, help="text encoder layers (default 28; 1 on the CPU)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    p.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="the transformer's recipe bits")
+    p.add_argument("--steps", type=int, default=50, help="steps of the whole-image estimate")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modulations", choices=["table", "per-step"], default="table",
+                   help="precomputed modulation table (default) or the timestep path inside every step")
+    p.add_argument("--keep-modulation-weights", action="store_true", help="do not free them after the table")
+    p.add_argument("--no-compile", action="store_true", help="run the block's elementwise tails uncompiled")
+    p.add_argument("--no-text-encoder", action="store_true")
+    p.add_argument("--no-vae", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="CI-sized components (seconds; figures meaningless)")
+    p.add_argument("--out", default=None, help="output path without extension")
+    p.add_argument("--check-efficiency", type=float, default=None,
+                   help="exit with status 1 if the CFG step's efficiency is below this fraction")
+    args = p.parse_args(argv)
+    if args.width is None or args.height is None:
+        side = 64 if _on_cpu() or args.tiny else 1024
+        args.width, args.height = args.width or args.height or side, args.height or args.width or side
+    if args.width % 16 or args.height % 16 or min(args.width, args.height) < 16:
+        p.error("width and height must be multiples of 16")
+    if args.text_tokens is None:
+        args.text_tokens = 16 if _on_cpu() or args.tiny else 64
+    if args.text_layers is None:
+        args.text_layers = 1 if _on_cpu() or args.tiny else FULL_TEXT_LAYERS
+    if args.trials < 1 or args.warmup < 0:
+        p.error("--trials must be at least 1 and --warmup at least 0")
+    return args
+
+
+def _on_cpu() -> bool:
+    return mx.default_device().type == mx.cpu
+
+
+def auto_blocks(args, n_img: int) -> int:
+    """All 60 blocks where the weights (plus activation headroom) fit in 3/4 of memory; 1 on the CPU."""
+    if _on_cpu() or args.tiny:
+        return 1
+    per_block = memory.TRANSFORMER_PARAMS / FULL_BLOCKS * memory.bytes_per_param(args.quantize, args.dtype)
+    total = memory.total_memory() or 16e9
+    activations = 2 * (n_img + args.text_tokens) * 3072 * 4 * 2 * 12
+    return int(max(1, min(FULL_BLOCKS, (0.75 * total - activations) // per_block)))
+
+
+def timed(fn, warmup: int, trials: int, exclude: int = 0, reference: MatmulReference | None = None) -> dict:
+    """Median and all trial seconds of ``mx.eval(fn())``; the peak memory over warm-up and trials less
+    ``exclude`` bytes (arrays alive but not the phase's); with ``reference``, its FLOP rate after each trial."""
+    mx.reset_peak_memory()
+    for _ in range(warmup):
+        mx.eval(fn())
+    times, rates = [], []
+    for _ in range(trials):
+        start = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - start)
+        if reference is not None:
+            rates.append(reference.rate_once())
+    out = {"seconds": float(np.median(times)), "trials": times, "peak_memory": mx.get_peak_memory() - exclude}
+    if reference is not None:
+        out["matmul_flops_per_s"] = rates
+    return out
+
+
+def _free():
+    mx.clear_cache()
+    mx.reset_peak_memory()
+
+
+def _weight_bytes(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def bench_text_encoder(args, dtype) -> dict:
+    before = mx.get_active_memory()
+    cfg = TextEncoderConfig(num_hidden_layers=args.text_layers, **(TINY["text"] if args.tiny else {}))
+    model = QwenTextEncoder(cfg)
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    rng = np.random.default_rng(args.seed)
+    prompt_len = TEXT_TO_IMAGE_DROP + args.text_tokens
+    prompt = mx.array(rng.integers(0, cfg.vocab_size, (1, prompt_len)), dtype=mx.int32)
+    negative = mx.array(rng.integers(0, cfg.vocab_size, (1, NEGATIVE_TOKENS)), dtype=mx.int32)
+    # The pipeline encodes the prompt and the negative prompt in two calls.
+    out = timed(lambda: [model(prompt), model(negative)], args.warmup, args.trials, exclude=before)
+    out.update(layers=args.text_layers, tokens=[prompt_len, NEGATIVE_TOKENS], weight_bytes=_weight_bytes(model))
+    flops = text_encoder_flops(cfg, prompt_len) + text_encoder_flops(cfg, NEGATIVE_TOKENS)
+    full = flops * FULL_TEXT_LAYERS / args.text_layers
+    out.update(flops=flops, flops_per_s=flops / out["seconds"], full_model_seconds=out["seconds"] * full / flops,
+               extrapolated=args.text_layers != FULL_TEXT_LAYERS)
+    del model
+    _free()
+    return out
+
+
+def bench_transformer(args, dtype, cfg: TransformerConfig, n_img: int, reference: MatmulReference) -> dict:
+    """The modulation table, then full denoising steps (transformer, CFG combination, Euler update)."""
+    mx.random.seed(args.seed)
+    model = QwenImageTransformer(cfg)  # random weights, lazy until first used
+    model.set_dtype(dtype)
+    if args.quantize:
+        from mlx_qwen_image.quantize import quantize_transformer
+
+        quantize_transformer(model, args.quantize)
+    phases = {}
+    scheduler = FlowMatchEulerScheduler()
+    sigmas = scheduler.sigmas(args.steps, n_img)
+    timesteps = scheduler.timesteps(args.steps, n_img) / np.float32(1000)
+    table = None
+    if args.modulations == "table":
+        _free()
+        start = time.perf_counter()
+        table = model.modulation_table(timesteps, drop_weights=not args.keep_modulation_weights)
+        phases["modulation_table"] = {"seconds": time.perf_counter() - start,
+                                      "peak_memory": mx.get_peak_memory() - reference.nbytes,
+                                      "table_bytes": table.nbytes, "steps": len(table)}
+    mx.eval(model.parameters())
+    weights = {"resident_bytes": _weight_bytes(model), "modulation_weights_dropped": model.modulation_weights_dropped}
+
+    rng = np.random.default_rng(args.seed)
+    L = args.text_tokens
+    x = mx.array(rng.standard_normal((1, n_img, cfg.in_channels)).astype(np.float32))
+    txt = mx.array(rng.standard_normal((2, L, cfg.joint_attention_dim)).astype(np.float32)).astype(dtype)
+    # Under CFG the negative prompt " " is shorter than the prompt: its row is padded, so a mask is passed.
+    mask = mx.array((np.arange(L)[None] < np.array([L, min(L, 6)])[:, None]).astype(np.int32))
+
+    def step(i: int, cfg_on: bool):
+        batch = 2 if cfg_on else 1
+        i %= args.steps
+        t = mx.full((batch,), timesteps[i], dtype=mx.float32)
+        inp = x.astype(model.dtype)
+        v = model(mx.concatenate([inp, inp]) if cfg_on else inp, txt[:batch], mask if cfg_on else None, t,
+                  [[(1, args.height // 16, args.width // 16)]] * batch,
+                  modulations=None if table is None else table[i])
+        if cfg_on:
+            v = guided(v[:1], v[1:], 4.0)
+        return scheduler.step(x, v, sigmas[i], sigmas[i + 1])
+
+    for name, cfg_on in (("step_cfg", True), ("step_nocfg", False)):
+        counter = iter(range(10**9))
+        _free()
+        ph = timed(lambda: step(next(counter), cfg_on), args.warmup, args.trials, reference.nbytes, reference)
+        ph["flops"] = transformer_step_flops(cfg, 2 if cfg_on else 1, n_img, L)
+        ph["flops_per_s"] = ph["flops"]["total"] / ph["seconds"]
+        # Per trial: the step's rate over the matmul rate measured right after it; the median of those.
+        ratios = [ph["flops"]["total"] / t / r for t, r in zip(ph["trials"], ph["matmul_flops_per_s"])]
+        ph["efficiency"] = float(np.median(ratios))
+        phases[name] = ph
+    del model, table
+    _free()
+    return {"phases": phases, "weights": weights}
+
+
+def bench_vae(args, dtype) -> dict:
+    before = mx.get_active_memory()
+    cfg = VAEConfig(**(TINY["vae"] if args.tiny else {}))
+    vae = QwenImageVAE(cfg)
+    vae.set_dtype(dtype)
+    mx.eval(vae.parameters())
+    s = cfg.scale_factor
+    z = mx.random.normal((1, args.height // s, args.width // s, cfg.z_dim), key=mx.random.key(args.seed))
+    out = timed(lambda: vae.decode(z.astype(dtype)), args.warmup, args.trials, exclude=before)
+    out["weight_bytes"] = _weight_bytes(vae)
+    del vae
+    _free()
+    return out
+
+
+def run(args) -> dict:
+    dtype = DTYPES[args.dtype]
+    n_img = (args.height // 16) * (args.width // 16)
+    blocks = auto_blocks(args, n_img) if args.blocks == "auto" else int(args.blocks)
+    cfg = TransformerConfig(num_layers=blocks, **(TINY["transformer"] if args.tiny else {}))
+    full_width = cfg.inner_dim == TransformerConfig().inner_dim
+    result = {
+        "device": {"type": "cpu" if _on_cpu() else "gpu", **{k: str(v) for k, v in mx.device_info().items()}},
+        "software": {"mlx": mx.__version__, "python": platform.python_version(), "platform": platform.platform()},
+        "config": {"width": args.width, "height": args.height, "blocks": blocks, "full_width": full_width,
+                   "inner_dim": cfg.inner_dim, "dtype": args.dtype, "quantize": args.quantize,
+                   "text_tokens": args.text_tokens, "image_tokens": n_img, "steps": args.steps,
+                   "warmup": args.warmup, "trials": args.trials, "seed": args.seed, "compile": not args.no_compile,
+                   "modulations": args.modulations, "keep_modulation_weights": args.keep_modulation_weights,
+                   "tiny": args.tiny},
+    }
+    mx.random.seed(args.seed)
+    # The CFG step's own linear shapes: image and text streams, batch 2.
+    streams = (2 * n_img, 2 * args.text_tokens)
+    reference = MatmulReference(block_matmul_shapes(streams, cfg.inner_dim, 4 * cfg.inner_dim), dtype)
+    result["matmul"] = reference.rate(args.trials, args.warmup)
+    _free()
+    phases = {}
+    if not args.no_text_encoder:
+        phases["text_encoder"] = bench_text_encoder(args, dtype)
+    compiled, transformer_module.COMPILE = transformer_module.COMPILE, not args.no_compile
+    try:
+        tr = bench_transformer(args, dtype, cfg, n_img, reference)
+    finally:
+        transformer_module.COMPILE = compiled
+    del reference
+    _free()
+    phases.update(tr["phases"])
+    result["weights"] = tr["weights"]
+    if not args.no_vae:
+        phases["vae_decode"] = bench_vae(args, dtype)
+    result["phases"] = phases
+    result["efficiency"] = phases["step_cfg"]["efficiency"]
+    result["projection"] = project(result, cfg, n_img) if full_width else None
+    result["references"] = reference_rows(result) if full_width else []
+    return result
+
+
+def project(result: dict, cfg: TransformerConfig, n_img: int) -> dict:
+    """Full-model (60-block, 28-layer) figures for this size: measured parts as measured, the rest scaled by
+    FLOPs from the measured depth."""
+    c, ph = result["config"], result["phases"]
+    full = dataclasses.replace(cfg, num_layers=FULL_BLOCKS)
+    out = {"measured": ["matmul", "vae_decode"], "extrapolated": []}
+    for name, batch in (("step_cfg", 2), ("step_nocfg", 1)):
+        scale = transformer_step_flops(full, batch, n_img, c["text_tokens"])["total"] / ph[name]["flops"]["total"]
+        out[f"{name}_seconds"] = ph[name]["seconds"] * scale
+    table = ph.get("modulation_table", {}).get("seconds", 0.0) * FULL_BLOCKS / c["blocks"]
+    text = ph["text_encoder"]["full_model_seconds"] if "text_encoder" in ph else None
+    vae = ph["vae_decode"]["seconds"] if "vae_decode" in ph else None
+    if c["blocks"] != FULL_BLOCKS:
+        out["extrapolated"] += ["step_cfg", "step_nocfg", "modulation_table"]
+    else:
+        out["measured"] += ["step_cfg", "step_nocfg", "modulation_table"]
+    if text is not None:
+        (out["extrapolated"] if ph["text_encoder"]["extrapolated"] else out["measured"]).append("text_encoder")
+    if text is not None and vae is not None:
+        for name in ("cfg", "nocfg"):
+            out[f"image_seconds_{name}"] = text + table + c["steps"] * out[f"step_{name}_seconds"] + vae
+    return out
+
+
+def default_out(result: dict) -> Path:
+    c = result["config"]
+    quant = f"-q{c['quantize']}" if c["quantize"] else ""
+    tiny = "-tiny" if c["tiny"] else ""
+    return RESULTS / f"{result['device']['type']}-{c['width']}x{c['height']}-{c['blocks']}b-{c['dtype']}{quant}{tiny}"
+
+
+def main(argv=None, prog: str = "python -m benchmarks.bench") -> int:
+    args = parse_args(argv, prog)
+    result = run(args)
+    out = Path(args.out) if args.out else default_out(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = markdown(result)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", file=sys.stderr)
+    if args.check_efficiency is not None and result["efficiency"] < args.check_efficiency:
+        print(f"efficiency {result['efficiency']:.1%} is below {args.check_efficiency:.0%}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
