@@ -19,7 +19,7 @@ from PIL import Image
 from .image import pil_to_array
 from .image_processor import QwenImageProcessor
 from .loading import TEXT_TO_IMAGE
-from .pipeline import QwenImagePipeline, check_request, fit_area, pack_latents, pad_text, run_steps
+from .pipeline import QwenImagePipeline, check_request, fit_area, pack_latents, run_steps
 
 EDIT_TEMPLATE = (
     "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
@@ -127,14 +127,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
         self.last_size = (width, height)
         cfg = cfg_scale > 1
 
-        def encode():
-            embeds, mask = self.encode_prompt(prompt, condition)
-            if cfg:
-                neg = " " if negative_prompt is None else negative_prompt
-                embeds, mask = pad_text([(embeds, mask), self.encode_prompt(neg, condition)])
-            return embeds, mask
-
-        embeds, mask = self._encode_phase(encode)
+        negative = " " if negative_prompt is None else negative_prompt
+        embeds, mask = self._encode_phase(lambda: self.encode_prompt([prompt, negative] if cfg else prompt, condition))
         start = time.perf_counter()
         x = self.initial_latents(1, width, height, seed, latents)
         reference = mx.concatenate([self._image_latents(img) for img in vae_images], axis=1)

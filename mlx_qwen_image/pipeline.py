@@ -76,17 +76,6 @@ def guided(cond: mx.array, uncond: mx.array, scale: float) -> mx.array:
     return comb * (mx.linalg.norm(cond, axis=-1, keepdims=True) / mx.linalg.norm(comb, axis=-1, keepdims=True))
 
 
-def pad_text(batches):
-    """Stack several (embeds, mask) batches, right-padding the shorter texts with zeros and mask 0."""
-    length = max(e.shape[1] for e, _ in batches)
-    embeds, masks = [], []
-    for e, m in batches:
-        extra = length - e.shape[1]
-        embeds.append(mx.pad(e, [(0, 0), (0, extra), (0, 0)]) if extra else e)
-        masks.append(mx.pad(m, [(0, 0), (0, extra)]) if extra else m)
-    return mx.concatenate(embeds), mx.concatenate(masks)
-
-
 class QwenImagePipeline:
     def __init__(self, transformer=None, vae=None, text_encoder=None, tokenizer=None, scheduler=None):
         self.transformer: QwenImageTransformer | None = transformer
@@ -217,15 +206,15 @@ class QwenImagePipeline:
         return embeds, mask
 
     def _conditioning(self, prompts: list[str], negative_prompt, cfg: bool):
-        embeds, mask = self.encode_prompt(prompts)
-        if cfg:
-            negatives = [" " if negative_prompt is None else negative_prompt] * len(prompts)
-            if isinstance(negative_prompt, (list, tuple)):
-                if len(negative_prompt) != len(prompts):
-                    raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
-                negatives = list(negative_prompt)
-            embeds, mask = pad_text([(embeds, mask), self.encode_prompt(negatives)])
-        return embeds, mask
+        """Features of [prompts; negative prompts] in one text-encoder pass (the weights are read once)."""
+        if not cfg:
+            return self.encode_prompt(prompts)
+        negatives = [" " if negative_prompt is None else negative_prompt] * len(prompts)
+        if isinstance(negative_prompt, (list, tuple)):
+            if len(negative_prompt) != len(prompts):
+                raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
+            negatives = list(negative_prompt)
+        return self.encode_prompt(prompts + negatives)
 
     # -- denoising -----------------------------------------------------------------------------------------
 
