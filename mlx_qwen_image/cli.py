@@ -122,7 +122,10 @@ def shared_options(fn):
         click.option("--quantize", type=click.Choice(["4", "8"]), default=None,
                      help="Quantize the transformer on load."),
         click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True),
-        click.option("--low-memory", is_flag=True, help="Free the text encoder before denoising."),
+        click.option("--low-memory", is_flag=True,
+                     help="Never hold the text encoder and the transformer's timestep weights during denoising."),
+        click.option("--text-encoder-bits", type=click.Choice(["8"]), default=None,
+                     help="Quantize the text encoder on load (8-bit: 8.9 GB instead of 14 GB)."),
         click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
                      help="LoRA safetensors file, with an optional scale (repeatable; they add up)."),
         click.option("--lightning", type=click.Choice(["4", "8"]), default=None,
@@ -138,7 +141,7 @@ class Run:
     """The checks and bookkeeping generate and edit share: settings, outputs, loading, the step loop."""
 
     def __init__(self, model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
-                 loras, lightning):
+                 text_encoder_bits, loras, lightning):
         if lightning:
             steps = int(lightning) if steps is None else steps
             cfg_scale = 1.0 if cfg_scale is None else cfg_scale
@@ -160,6 +163,7 @@ class Run:
         self.paths = output_paths(output, self.seeds, overwrite)
         self.model, self.steps, self.cfg_scale, self.dtype, self.low_memory = model, steps, cfg_scale, dtype, low_memory
         self.quantize = int(quantize) if quantize else None
+        self.text_encoder_bits = int(text_encoder_bits) if text_encoder_bits else None
         self.lightning = lightning
         self.start = time.perf_counter()
 
@@ -169,10 +173,12 @@ class Run:
 
         if not is_repo_id(self.model):  # a local folder: refuse a missing or incomplete one before anything else
             check_layout(resolve(self.model))
-        warn_if_too_large(self.model, self.quantize, width, height, self.cfg_scale > 1, self.low_memory, self.dtype)
+        warn_if_too_large(self.model, self.quantize, width, height, self.cfg_scale > 1, self.low_memory, self.dtype,
+                          self.text_encoder_bits)
 
     def load(self, pipeline_cls):
-        pipe = pipeline_cls.from_pretrained(self.model, quantize=self.quantize, dtype=self.dtype, loras=self.loras)
+        pipe = pipeline_cls.from_pretrained(self.model, quantize=self.quantize, dtype=self.dtype, loras=self.loras,
+                                            text_encoder_bits=self.text_encoder_bits)
         pipe.low_memory = self.low_memory
         if self.lightning:
             from .scheduler import lightning_scheduler
@@ -185,6 +191,7 @@ class Run:
             **extra,
             "seed": seed, "steps": self.steps, "cfg_scale": self.cfg_scale, "width": width, "height": height,
             "model": str(self.model), "quantization": f"{self.quantize}-bit" if self.quantize else "none",
+            "text_encoder_quantization": f"{self.text_encoder_bits}-bit" if self.text_encoder_bits else "none",
             "dtype": self.dtype,
             "loras": ", ".join(f"{p}:{s:g}" for p, s in self.loras) or "none",
             "scheduler": f"lightning-{self.lightning}" if self.lightning else "default",
@@ -231,7 +238,7 @@ def _open_image(path):
 @shared_options
 @user_errors
 def generate(prompt, model, width, height, aspect, init_image, strength, steps, cfg_scale, negative_prompt, seed,
-             num_images, output, overwrite, quantize, dtype, low_memory, loras, lightning):
+             num_images, output, overwrite, quantize, dtype, low_memory, text_encoder_bits, loras, lightning):
     """Generate images from PROMPT (or redraw --image, img2img)."""
     if aspect is not None and (width is not None or height is not None):
         raise UsageError("--aspect sets the size; do not combine it with --width/--height")
@@ -244,8 +251,8 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
     from .pipeline import QwenImagePipeline, img2img_steps, output_size
 
     width, height = ASPECTS[aspect] if aspect else output_size(width, height, picture)
-    run = Run(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory, loras,
-              lightning)
+    run = Run(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
+              text_encoder_bits, loras, lightning)
     run.check_model(width, height)
     pipe = run.load(QwenImagePipeline)
     total = run.steps if picture is None else img2img_steps(run.steps, strength)
@@ -270,7 +277,7 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
 @shared_options
 @user_errors
 def edit(prompt, images, model, width, height, steps, cfg_scale, negative_prompt, seed, num_images, output,
-         overwrite, quantize, dtype, low_memory, loras, lightning):
+         overwrite, quantize, dtype, low_memory, text_encoder_bits, loras, lightning):
     """Edit pictures as PROMPT says (Qwen-Image-Edit, Edit-2509, Edit-2511)."""
     for name, v in (("width", width), ("height", height)):
         if v is not None and (v < 16 or v % 16):
@@ -280,8 +287,8 @@ def edit(prompt, images, model, width, height, steps, cfg_scale, negative_prompt
     pictures = [_open_image(p) for p in images]
     from .edit import QwenImageEditPipeline
 
-    run = Run(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory, loras,
-              lightning)
+    run = Run(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
+              text_encoder_bits, loras, lightning)
     run.check_model(width or 1024, height or 1024)
     pipe = run.load(QwenImageEditPipeline)
     width, height = pipe.prepare_images(pictures, width, height)[2:]

@@ -10,6 +10,7 @@ read by the transformer from its own config.
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import mlx.core as mx
@@ -128,7 +129,9 @@ class QwenImageEditPipeline(QwenImagePipeline):
         cfg = cfg_scale > 1
 
         negative = " " if negative_prompt is None else negative_prompt
-        embeds, mask = self._encode_phase(lambda: self.encode_prompt([prompt, negative] if cfg else prompt, condition))
+        key = ("edit", prompt, negative, cfg, tuple(hashlib.sha1(i.tobytes()).hexdigest() for i in condition))
+        embeds, mask = self._encode_phase(
+            key, lambda: self.encode_prompt([prompt, negative] if cfg else prompt, condition))
         start = time.perf_counter()
         x = self.initial_latents(1, width, height, seed, latents)
         reference = mx.concatenate([self._image_latents(img) for img in vae_images], axis=1)

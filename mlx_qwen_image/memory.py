@@ -48,20 +48,21 @@ def component_bytes(folder: Path, quantize: int | None, dtype: str, skip=("visua
 
 
 def estimate_bytes(model, quantize: int | None, width: int, height: int, cfg: bool, low_memory: bool,
-                   dtype: str = "bfloat16") -> float:
-    """Peak bytes of a text-to-image run: the weights resident at once plus activation headroom."""
+                   dtype: str = "bfloat16", text_encoder_bits: int | None = None) -> float:
+    """Peak bytes of a run: the weights resident at once plus activation headroom. With ``low_memory`` the text
+    encoder and the transformer are never resident together."""
     folder = Path(str(model)).expanduser()
     transformer = text = None
     if folder.is_dir():
         transformer = component_bytes(folder / "transformer", quantize, dtype)
-        text = component_bytes(folder / "text_encoder", None, dtype)
+        text = component_bytes(folder / "text_encoder", text_encoder_bits, dtype)
     if transformer is None:
         transformer = TRANSFORMER_PARAMS * bytes_per_param(quantize, dtype)
     if text is None:
-        text = TEXT_ENCODER_PARAMS * bytes_per_param(None, dtype)
+        text = TEXT_ENCODER_PARAMS * bytes_per_param(text_encoder_bits, dtype)
     tokens = (width // 16) * (height // 16) * (2 if cfg else 1)
     activations = tokens * 3072 * 4 * 2 * 12 + width * height * 96 * 2 * 4
-    return transformer + (0 if low_memory else text) + activations
+    return (max(transformer, text) if low_memory else transformer + text) + activations
 
 
 def total_memory() -> int | None:
@@ -79,10 +80,12 @@ def total_memory() -> int | None:
         return None
 
 
-def warn_if_too_large(model, quantize, width, height, cfg, low_memory, dtype="bfloat16"):
-    need, have = estimate_bytes(model, quantize, width, height, cfg, low_memory, dtype), total_memory()
+def warn_if_too_large(model, quantize, width, height, cfg, low_memory, dtype="bfloat16", text_encoder_bits=None):
+    need = estimate_bytes(model, quantize, width, height, cfg, low_memory, dtype, text_encoder_bits)
+    have = total_memory()
     if have and need > 0.9 * have:
-        hints = [h for h, ok in (("--quantize 4", quantize != 4), ("--low-memory", not low_memory)) if ok]
+        hints = [h for h, ok in (("--quantize 4", quantize != 4), ("--low-memory", not low_memory),
+                                 ("--text-encoder-bits 8", not text_encoder_bits)) if ok]
         click.echo(
             f"warning: {model} at {width}x{height} needs about {need / 1e9:.0f} GB and this machine has "
             f"{have / 1e9:.0f} GB" + (f"; try {' or '.join(hints)}" if hints else ""),

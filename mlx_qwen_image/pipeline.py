@@ -22,6 +22,7 @@ from .image import array_to_numpy, array_to_pil, pil_to_array
 from .loading import (DEFAULT_MODEL, TEXT_TO_IMAGE, CheckpointError, check_layout, lazy_weights, load_model,
                       quantize_model, resolve)
 from .models.text_encoder import QwenTextEncoder
+from .quantize import apply_plan, text_encoder_plan
 from .models.transformer import QwenImageTransformer
 from .models.vae import QwenImageVAE
 from .scheduler import FlowMatchEulerScheduler
@@ -85,20 +86,25 @@ class QwenImagePipeline:
         self.scheduler = scheduler or FlowMatchEulerScheduler()
         self.low_memory = False
         self.stats: dict[str, dict[str, float]] = {}
-        self._text_encoder_source: tuple[Path, mx.Dtype] | None = None
+        self._text_encoder_source: tuple[Path, mx.Dtype, int | None] | None = None  # folder, dtype, bits
         self._transformer_source: Path | None = None
         self.loras: list[tuple] = []  # (source, scale) fused or added into the transformer
+        self._features = None  # (key, (embeds, mask)) of the last encoded prompts
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path = DEFAULT_MODEL, quantize: int | None = None,
-                        dtype="bfloat16", loras=()) -> "QwenImagePipeline":
+                        dtype="bfloat16", loras=(), text_encoder_bits: int | None = None) -> "QwenImagePipeline":
         """Load a diffusers-layout checkpoint (local folder or Hub repo id); weights are read lazily.
 
         ``loras``: (path, scale) pairs, fused into the float weights before ``quantize`` applies (on an already
-        quantized checkpoint they run beside the quantized layers).
+        quantized checkpoint they run beside the quantized layers). ``text_encoder_bits=8`` quantizes the text
+        encoder's language model on load, as ``convert --text-encoder-bits 8`` does.
         """
         if quantize not in (None, 4, 8):
             raise ValueError(f"quantize must be None, 4 or 8, got {quantize!r}")
+        if text_encoder_bits not in (None, 8):
+            raise ValueError(f"text_encoder_bits must be None or 8, got {text_encoder_bits!r} (at 4 bits the text "
+                             "features change by 20-50% on the measured models)")
         dt = _dtype(dtype)
         root = resolve(path_or_repo_id, cls.COMPONENTS)
         kind = check_layout(root, cls.REQUIRED).get("_class_name", "")
@@ -114,12 +120,12 @@ class QwenImagePipeline:
         pipe = cls(
             transformer=transformer,
             vae=load_model(QwenImageVAE, root / "vae", dt),
-            text_encoder=load_model(QwenTextEncoder, root / "text_encoder", dt, vision=cls.VISION),
             tokenizer=QwenTokenizer.from_pretrained(root / "tokenizer"),
             scheduler=FlowMatchEulerScheduler.from_config(read_json(root / "scheduler" / "scheduler_config.json")),
             **cls._extra_components(root, kind),
         )
-        pipe._text_encoder_source = (root / "text_encoder", dt)
+        pipe._text_encoder_source = (root / "text_encoder", dt, text_encoder_bits)
+        pipe._ensure_text_encoder()
         pipe._transformer_source = root / "transformer"
         pipe.loras = list(loras)
         return pipe
@@ -150,7 +156,10 @@ class QwenImagePipeline:
 
     def _ensure_text_encoder(self):
         if self.text_encoder is None and self._text_encoder_source is not None:
-            self.text_encoder = load_model(QwenTextEncoder, *self._text_encoder_source, vision=self.VISION)
+            folder, dtype, bits = self._text_encoder_source
+            self.text_encoder = load_model(QwenTextEncoder, folder, dtype, vision=self.VISION)
+            if bits and not _is_quantized(self.text_encoder):
+                apply_plan(self.text_encoder, text_encoder_plan(self.text_encoder, bits))
         return self.text_encoder
 
     def free_text_encoder(self):
@@ -244,12 +253,18 @@ class QwenImagePipeline:
         x = pil_to_array(image, dtype=self.vae.dtype)
         return pack_latents(self.vae.normalize_latents(self.vae.encode(x)).astype(mx.float32))
 
-    def _encode_phase(self, encode):
-        """Run ``encode`` (text features), evaluate it, and release the text encoder if asked to."""
+    def _encode_phase(self, key, encode):
+        """Text features, evaluated; reused when ``key`` equals the previous run's (several seeds of one prompt
+        encode once, and a released text encoder is not reloaded for them). Releases the text encoder if asked."""
         mx.reset_peak_memory()
         start = time.perf_counter()
-        embeds, mask = encode()
-        mx.eval(embeds, mask)
+        if self._features is not None and self._features[0] == key:
+            embeds, mask = self._features[1]
+        else:
+            self._features = None
+            embeds, mask = encode()
+            mx.eval(embeds, mask)
+            self._features = (key, (embeds, mask))
         if self.low_memory:
             self.free_text_encoder()
         self._phase("text_encoder", start)
@@ -269,7 +284,9 @@ class QwenImagePipeline:
         width, height = output_size(width, height, image)
         check_request(width, height, steps, cfg_scale)
         batch, cfg = len(prompts), cfg_scale > 1
-        embeds, mask = self._encode_phase(lambda: self._conditioning(prompts, negative_prompt, cfg))
+        key = ("text", tuple(prompts), negative_prompt if isinstance(negative_prompt, str) or negative_prompt is None
+               else tuple(negative_prompt), cfg)
+        embeds, mask = self._encode_phase(key, lambda: self._conditioning(prompts, negative_prompt, cfg))
 
         start = time.perf_counter()
         x = self.initial_latents(batch, width, height, seed, latents)

@@ -37,7 +37,7 @@ def test_png_with_metadata(model, tmp_path):
     assert meta["negative_prompt"] == "blurry"
     assert (meta["seed"], meta["steps"], meta["cfg_scale"]) == ("11", "2", "3.0")
     assert (meta["width"], meta["height"]) == ("48", "32")
-    assert meta["model"] == model and meta["quantization"] == "none"
+    assert meta["model"] == model and meta["quantization"] == "none" and meta["text_encoder_quantization"] == "none"
     assert meta["software"] == f"mlx-qwen-image {__version__}"
     assert list(tmp_path.iterdir()) == [out]  # no temporary file left behind
 

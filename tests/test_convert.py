@@ -148,6 +148,14 @@ def test_text_encoder_at_8_bits(source, tmp_path):
     got = QwenImagePipeline.from_pretrained(tmp_path / "te8", dtype="float32").encode_prompt(PROMPT)[0]
     # Measured 1.7e-2 on this model (the features; the image moves far less, see the README).
     assert 0 < rel_err(got, ref) < 0.025
+    # Quantizing on load gives the converted weights, also after the low-memory release and reload.
+    on_load = QwenImagePipeline.from_pretrained(source, dtype="bfloat16", text_encoder_bits=8)
+    stored = QwenImagePipeline.from_pretrained(tmp_path / "te8", dtype="bfloat16")
+    a, b = dict(tree_flatten(on_load.text_encoder.parameters())), dict(tree_flatten(stored.text_encoder.parameters()))
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and mx.array_equal(a[k], b[k]) for k in a)
+    expected = stored.encode_prompt(PROMPT)[0]
+    on_load.free_text_encoder()
+    assert mx.array_equal(on_load.encode_prompt(PROMPT)[0], expected)
 
 
 def test_per_layer_bits_load_from_the_config(source, tmp_path):
