@@ -158,6 +158,8 @@ class Run:
         self.loras = [parse_lora_arg(text) for text in loras]
         for path, _ in self.loras:
             load_lora(path)  # a bad file is refused now, not after minutes of loading
+        if seed is not None and not 0 <= seed < 2**63:
+            raise UsageError(f"--seed {seed}: must be in [0, 2**63)")
         seed = random.randrange(2**31) if seed is None else seed
         self.seeds = [seed + i for i in range(num_images)]
         self.paths = output_paths(output, self.seeds, overwrite)

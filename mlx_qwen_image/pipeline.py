@@ -242,6 +242,8 @@ class QwenImagePipeline:
                     f"(batch, (H/16)*(W/16), {channels}) for {width}x{height}"
                 )
             return latents.astype(mx.float32)
+        if not 0 <= seed < 2**63 - batch:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         return mx.stack([mx.random.normal((n, channels), key=mx.random.key(seed + i)) for i in range(batch)])
 
     def encode_image(self, image, width: int, height: int) -> mx.array:

@@ -86,6 +86,7 @@ def _refused(result, message):
         (("--steps", 0), "--steps 0: at least 1 step is needed"),
         (("--cfg-scale", 0.5), "--cfg-scale 0.5: must be at least 1"),
         (("--aspect", "16:9"), "do not combine it with --width/--height"),
+        (("--seed", -5), "--seed -5: must be in [0, 2**63)"),
     ],
 )
 def test_bad_arguments_are_refused(model, tmp_path, extra, message):

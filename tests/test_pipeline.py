@@ -132,6 +132,7 @@ def test_pil_output(pipes):
         (dict(cfg_scale=0.5), "cfg_scale must be at least 1"),
         (dict(latents=np.zeros((1, 3, 16), np.float32)), "latents have shape"),
         (dict(output="jpeg"), "output must be"),
+        (dict(seed=-1), "seed must be in"),
     ],
 )
 def test_bad_requests_are_refused(pipes, kwargs, message):
