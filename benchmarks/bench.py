@@ -1,18 +1,21 @@
 """Speed and memory of mlx-qwen-image with random weights: no checkpoint or download needed.
 
 Phases run in the pipeline's order, each with the previous one freed: a plain MLX matmul (the reference rate),
-the text encoder, the transformer (modulation precompute, then denoising steps with CFG on and off), the VAE
-decoder. Every figure is the median of ``--trials`` runs after ``--warmup`` runs, with a fixed seed.
+the text encoder (the pipeline's ``prompts.encode_tokens``: prompt and negative prompt as one padded batch), the
+transformer (the pipeline's own core loop through ``sample``: modulation precompute, then denoising steps with
+CFG on and off), the VAE decoder. Every figure is the median of ``--trials`` steps or runs after ``--warmup``
+ones, with a fixed seed.
 
 The transformer runs ``--blocks`` full-width blocks (auto: as many of the 60 as memory allows on a GPU, 1 on the
 CPU); the text encoder ``--text-layers`` of its 28 layers. Full-model times are extrapolated from those in
 proportion to the counted FLOPs and marked so; the VAE and matmul figures are measured as they are.
 
-    python -m benchmarks.bench                          # defaults for this machine
-    python -m benchmarks.bench --width 1328 --height 1328 --quantize 8 --steps 50
-    mlx-qwen-image benchmark --blocks 4                 # the same, from the CLI
+    mlx-qwen-image benchmark                            # defaults for this machine
+    mlx-qwen-image benchmark --width 1328 --height 1328 --quantize 8 --steps 50
+    python -m benchmarks.bench --blocks 4               # the same, from a source checkout
 
-Writes ``<out>.json`` and ``<out>.md`` (default: benchmarks/results/<device>-<size>-<blocks>b-<dtype>[-qN]).
+Writes ``<out>.json`` and ``<out>.md`` (default: benchmarks/results/ in a source checkout, else
+./benchmark-results/; named <device>-<size>-<blocks>b-<dtype>[-qN]).
 """
 
 from __future__ import annotations
@@ -28,22 +31,27 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_qwen_image import memory
+from mlx_qwen_image import memory, runtime
+from mlx_qwen_image.conditioning import Conditioning
 from mlx_qwen_image.config import TextEncoderConfig, TransformerConfig, VAEConfig
 from mlx_qwen_image.models import transformer as transformer_module
+from mlx_qwen_image.models.modulation import get_module
 from mlx_qwen_image.models.text_encoder import QwenTextEncoder
 from mlx_qwen_image.models.transformer import QwenImageTransformer
 from mlx_qwen_image.models.vae import QwenImageVAE
-from mlx_qwen_image.pipeline import guided
+from mlx_qwen_image.pipeline import QwenImagePipeline
 from mlx_qwen_image.scheduler import FlowMatchEulerScheduler
-from mlx_qwen_image.tokenizer import TEXT_TO_IMAGE_DROP
+from mlx_qwen_image.variants import DEFAULT_TEXT_TO_IMAGE
 
 from .flops import MatmulReference, block_matmul_shapes, text_encoder_flops, transformer_step_flops
 from .report import markdown, reference_rows
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# In a source checkout the results sit beside the benchmark (and are committed); installed, in the working folder.
+_SOURCE_RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = _SOURCE_RESULTS if _SOURCE_RESULTS.is_dir() else Path("benchmark-results")
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 FULL_BLOCKS, FULL_TEXT_LAYERS = TransformerConfig.num_layers, TextEncoderConfig.num_hidden_layers
+TEXT_TO_IMAGE_DROP = DEFAULT_TEXT_TO_IMAGE.drop
 NEGATIVE_TOKENS = TEXT_TO_IMAGE_DROP + 6  # the default negative prompt " " with its template
 # CI-sized components (--tiny): the code paths of the real ones at a few thousandths of their cost.
 TINY = {
@@ -68,9 +76,8 @@ def parse_args(argv=None, prog: str = "python -m benchmarks.bench") -> argparse.
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--modulations", choices=["table", "per-step"], default="table",
-                   help="precomputed modulation table (default) or the timestep path inside every step")
-    p.add_argument("--keep-modulation-weights", action="store_true", help="do not free them after the table")
+    p.add_argument("--keep-modulation-weights", action="store_true",
+                   help="keep the timestep-path weights during the steps (a run without low_memory)")
     p.add_argument("--no-compile", action="store_true", help="run the block's elementwise tails uncompiled")
     p.add_argument("--no-text-encoder", action="store_true")
     p.add_argument("--no-vae", action="store_true")
@@ -101,7 +108,8 @@ def auto_blocks(args, n_img: int) -> int:
     """All 60 blocks where the weights (plus activation headroom) fit in 3/4 of memory; 1 on the CPU."""
     if _on_cpu() or args.tiny:
         return 1
-    per_block = memory.TRANSFORMER_PARAMS / FULL_BLOCKS * memory.bytes_per_param(args.quantize, args.dtype)
+    per_block = (DEFAULT_TEXT_TO_IMAGE.transformer_params / FULL_BLOCKS
+                 * memory.bytes_per_param(args.quantize, args.dtype))
     total = memory.total_memory() or 16e9
     activations = 2 * (n_img + args.text_tokens) * 3072 * 4 * 2 * 12
     return int(max(1, min(FULL_BLOCKS, (0.75 * total - activations) // per_block)))
@@ -143,24 +151,40 @@ def bench_text_encoder(args, dtype) -> dict:
     model = QwenTextEncoder(cfg)
     model.set_dtype(dtype)
     mx.eval(model.parameters())
+    pipe = QwenImagePipeline(text_encoder=model)
     rng = np.random.default_rng(args.seed)
     prompt_len = TEXT_TO_IMAGE_DROP + args.text_tokens
-    prompt = mx.array(rng.integers(0, cfg.vocab_size, (1, prompt_len)), dtype=mx.int32)
-    negative = mx.array(rng.integers(0, cfg.vocab_size, (1, NEGATIVE_TOKENS)), dtype=mx.int32)
-    # The pipeline encodes the prompt and the negative prompt in two calls.
-    out = timed(lambda: [model(prompt), model(negative)], args.warmup, args.trials, exclude=before)
-    out.update(layers=args.text_layers, tokens=[prompt_len, NEGATIVE_TOKENS], weight_bytes=_weight_bytes(model))
-    flops = text_encoder_flops(cfg, prompt_len) + text_encoder_flops(cfg, NEGATIVE_TOKENS)
+    prompt = rng.integers(0, cfg.vocab_size, prompt_len).tolist()
+    negative = rng.integers(0, cfg.vocab_size, NEGATIVE_TOKENS).tolist()
+    # As a CFG run encodes: prompt and negative prompt as one right-padded batch with a mask.
+    out = timed(lambda: pipe.prompts.encode_tokens([prompt, negative]), args.warmup, args.trials, exclude=before)
+    out.update(layers=args.text_layers, tokens=[prompt_len, prompt_len], weight_bytes=_weight_bytes(model))
+    flops = 2 * text_encoder_flops(cfg, prompt_len)
     full = flops * FULL_TEXT_LAYERS / args.text_layers
     out.update(flops=flops, flops_per_s=flops / out["seconds"], full_model_seconds=out["seconds"] * full / flops,
                extrapolated=args.text_layers != FULL_TEXT_LAYERS)
-    del model
+    del model, pipe
     _free()
     return out
 
 
+class RandomTimestepWeights:
+    """Where a benchmark's freed timestep-path weights come back from: new random arrays of the same shapes (there
+    is no checkpoint to read them from again)."""
+
+    def weights(self, model) -> dict:
+        out = {}
+        for path in model.modulation_layer_paths():
+            layer = get_module(model, path)
+            out[f"{path}.weight"] = 0.02 * mx.random.normal((layer.output_dims, layer.input_dims))
+            if layer.has_bias:
+                out[f"{path}.bias"] = mx.zeros((layer.output_dims,))
+        return out
+
+
 def bench_transformer(args, dtype, cfg: TransformerConfig, n_img: int, reference: MatmulReference) -> dict:
-    """The modulation table, then full denoising steps (transformer, CFG combination, Euler update)."""
+    """Denoising steps of the pipeline's own loop (modulation table, transformer, CFG combination, Euler update),
+    with CFG on and off, on a random transformer; each run stops after warm-up + trials steps."""
     mx.random.seed(args.seed)
     model = QwenImageTransformer(cfg)  # random weights, lazy until first used
     model.set_dtype(dtype)
@@ -168,51 +192,47 @@ def bench_transformer(args, dtype, cfg: TransformerConfig, n_img: int, reference
         from mlx_qwen_image.quantize import quantize_transformer
 
         quantize_transformer(model, args.quantize)
-    phases = {}
-    scheduler = FlowMatchEulerScheduler()
-    sigmas = scheduler.sigmas(args.steps, n_img)
-    timesteps = scheduler.timesteps(args.steps, n_img) / np.float32(1000)
-    table = None
-    if args.modulations == "table":
-        _free()
-        start = time.perf_counter()
-        table = model.modulation_table(timesteps, drop_weights=not args.keep_modulation_weights)
-        phases["modulation_table"] = {"seconds": time.perf_counter() - start,
-                                      "peak_memory": mx.get_peak_memory() - reference.nbytes,
-                                      "table_bytes": table.nbytes, "steps": len(table)}
     mx.eval(model.parameters())
-    weights = {"resident_bytes": _weight_bytes(model), "modulation_weights_dropped": model.modulation_weights_dropped}
-
+    model.mark_timestep_path()
+    pipe = QwenImagePipeline(transformer=model, scheduler=FlowMatchEulerScheduler(),
+                             timestep_source=RandomTimestepWeights())
     rng = np.random.default_rng(args.seed)
     L = args.text_tokens
-    x = mx.array(rng.standard_normal((1, n_img, cfg.in_channels)).astype(np.float32))
     txt = mx.array(rng.standard_normal((2, L, cfg.joint_attention_dim)).astype(np.float32)).astype(dtype)
     # Under CFG the negative prompt " " is shorter than the prompt: its row is padded, so a mask is passed.
     mask = mx.array((np.arange(L)[None] < np.array([L, min(L, 6)])[:, None]).astype(np.int32))
-
-    def step(i: int, cfg_on: bool):
-        batch = 2 if cfg_on else 1
-        i %= args.steps
-        t = mx.full((batch,), timesteps[i], dtype=mx.float32)
-        inp = x.astype(model.dtype)
-        v = model(mx.concatenate([inp, inp]) if cfg_on else inp, txt[:batch], mask if cfg_on else None, t,
-                  [[(1, args.height // 16, args.width // 16)]] * batch,
-                  modulations=None if table is None else table[i])
-        if cfg_on:
-            v = guided(v[:1], v[1:], 4.0)
-        return scheduler.step(x, v, sigmas[i], sigmas[i + 1])
-
+    steps = max(args.steps, args.warmup + args.trials)
+    phases, weights = {}, {}
     for name, cfg_on in (("step_cfg", True), ("step_nocfg", False)):
-        counter = iter(range(10**9))
+        rows = 2 if cfg_on else 1
+        cond = Conditioning(txt[:rows], mask[:rows], 1, args.width, args.height, 4.0 if cfg_on else 1.0,
+                            [(1, args.height // 16, args.width // 16)])
         _free()
-        ph = timed(lambda: step(next(counter), cfg_on), args.warmup, args.trials, reference.nbytes, reference)
-        ph["flops"] = transformer_step_flops(cfg, 2 if cfg_on else 1, n_img, L)
+        run = pipe.sample(cond, steps, seed=args.seed, low_memory=not args.keep_modulation_weights)
+        rates = []
+        for i, _ in enumerate(run):
+            if i == 0 and cfg_on:
+                weights = {"resident_bytes": _weight_bytes(model),
+                           "modulation_weights_dropped": model.modulation_weights_dropped}
+            if i >= args.warmup:
+                rates.append(reference.rate_once())
+            if i + 1 == args.warmup + args.trials:
+                break
+        run.close()
+        trials = run.stats["steps"][args.warmup:]
+        ph = {"seconds": float(np.median(trials)), "trials": trials, "matmul_flops_per_s": rates,
+              "peak_memory": run.stats["denoise"]["peak_memory"] - reference.nbytes}
+        ph["flops"] = transformer_step_flops(cfg, rows, n_img, L)
         ph["flops_per_s"] = ph["flops"]["total"] / ph["seconds"]
         # Per trial: the step's rate over the matmul rate measured right after it; the median of those.
-        ratios = [ph["flops"]["total"] / t / r for t, r in zip(ph["trials"], ph["matmul_flops_per_s"])]
+        ratios = [ph["flops"]["total"] / t / r for t, r in zip(trials, rates)]
         ph["efficiency"] = float(np.median(ratios))
         phases[name] = ph
-    del model, table
+        if cfg_on:
+            table = run.stats["modulation_table"]
+            phases["modulation_table"] = {"seconds": table["seconds"], "steps": steps,
+                                          "peak_memory": table["peak_memory"] - reference.nbytes}
+    del model, pipe
     _free()
     return {"phases": phases, "weights": weights}
 
@@ -245,7 +265,7 @@ def run(args) -> dict:
                    "inner_dim": cfg.inner_dim, "dtype": args.dtype, "quantize": args.quantize,
                    "text_tokens": args.text_tokens, "image_tokens": n_img, "steps": args.steps,
                    "warmup": args.warmup, "trials": args.trials, "seed": args.seed, "compile": not args.no_compile,
-                   "modulations": args.modulations, "keep_modulation_weights": args.keep_modulation_weights,
+                   "modulations": "table", "keep_modulation_weights": args.keep_modulation_weights,
                    "tiny": args.tiny},
     }
     mx.random.seed(args.seed)
@@ -308,7 +328,7 @@ def default_out(result: dict) -> Path:
 
 def main(argv=None, prog: str = "python -m benchmarks.bench") -> int:
     args = parse_args(argv, prog)
-    result = run(args)
+    result = runtime.call(run, args)  # the pipeline's MLX work belongs on the MLX owner thread
     out = Path(args.out) if args.out else default_out(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(result)

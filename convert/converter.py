@@ -24,19 +24,13 @@ from mlx.utils import tree_flatten
 
 from mlx_qwen_image import __version__
 from mlx_qwen_image.config import read_json
-from mlx_qwen_image.loading import (TEXT_TO_IMAGE, CheckpointError, check_layout, is_repo_id, load_shard, resolve,
-                                    shard_files)
-from mlx_qwen_image.models.text_encoder import QwenTextEncoder
-from mlx_qwen_image.models.transformer import QwenImageTransformer
-from mlx_qwen_image.models.vae import QwenImageVAE
+from mlx_qwen_image.loading import CheckpointError, is_repo_id, load_shard, shard_files
 from mlx_qwen_image.quantize import (RECIPE, plan_bytes, quantization_block, quantize_weight,
                                      text_encoder_plan, transformer_plan)
+from mlx_qwen_image.variants import locate
 
 MAX_SHARD_BYTES = 5 * 10**9
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16}
-# The components with weights, in the order they are converted; every other folder is copied as it is.
-MODELS = (("text_encoder", QwenTextEncoder), ("transformer", QwenImageTransformer), ("vae", QwenImageVAE))
-
 Transform = Callable[[dict], dict]
 GROUP_NAMES = {"img_in": "img_in", "io": "txt_in, norm_out.linear and proj_out", "time": "the timestep embedder",
                "mod": "every img_mod/txt_mod", "first": "block 0", "last": "the last block", "body": "the rest"}
@@ -80,9 +74,11 @@ def convert(source: str | Path, output: str | Path, bits: int | None = None, gro
         raise CheckpointError(f"cannot write {dest}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"cannot write {dest}: folder {parent} is not writable")
-    root = resolve(source, TEXT_TO_IMAGE + ("processor",))  # processor/: the editing models
-    index = check_layout(root)
-    jobs = [Component(name, cls, root / name) for name, cls in MODELS]
+    root, variant = locate(source)
+    index = read_json(root / "model_index.json")
+    # The components with weights, as the registry says the variant has them; every other folder is copied.
+    jobs = [Component(name, variant.model_class(name), root / name, build=variant.build_options(name))
+            for name in variant.model_components]
     for job in jobs:
         job.plan_for(bits if job.name == "transformer" else text_encoder_bits if job.name == "text_encoder" else None,
                      group_size)
@@ -108,7 +104,7 @@ def convert(source: str | Path, output: str | Path, bits: int | None = None, gro
             _write_json(tmp / "scheduler" / "scheduler_config.json",
                         {"_class_name": "FlowMatchEulerDiscreteScheduler", **scheduler_config})
         summary = [job.summary() for job in jobs]
-        card = _model_card(source, dest, bits, group_size, dtype, text_encoder_bits, summary)
+        card = _model_card(source, dest, bits, group_size, dtype, text_encoder_bits, summary, variant)
         if loras:
             card += "\nLoRAs fused into the transformer before quantization: " + ", ".join(
                 f"{lora.name}:{scale:g}" for lora, scale in loras) + ".\n"
@@ -131,20 +127,18 @@ def convert(source: str | Path, output: str | Path, bits: int | None = None, gro
 class Component:
     """One model folder: its lazily built model (shapes only), quantization plan, and the streaming write."""
 
-    def __init__(self, name: str, cls, folder: Path, shards: list[tuple[Path, dict]] | None = None):
-        """``shards``: (file, lazy tensors) pairs; by default the folder's safetensors files, opened lazily."""
+    def __init__(self, name: str, cls, folder: Path, shards: list[tuple[Path, dict]] | None = None,
+                 build: dict | None = None):
+        """``shards``: (file, lazy tensors) pairs; by default the folder's safetensors files, opened lazily.
+        ``build``: the registry's ``from_config`` options for this component."""
         self.name, self.folder = name, folder
         self.config = read_json(folder / "config.json")
-        build = {"vision": True} if cls is QwenTextEncoder else {}
-        self.model = cls.from_config(self.config, **build)  # lazy: no parameter is allocated
+        self.model = cls.from_config(self.config, **(build or {}))  # lazy: no parameter is allocated
         if shards is None:
             shards = [(file, load_shard(file)) for file in shard_files(folder)]
         self.files = [file for file, _ in shards]
         self.weights, self.origin = self._read(shards)
-        # The text encoder's vision tower is kept when the source has one (the editing models use it).
-        vision = any(k.startswith("visual.") for k in self.weights)
-        self.expected = {k: v for k, v in tree_flatten(self.model.parameters())
-                         if vision or not k.startswith("visual.")}
+        self.expected = dict(tree_flatten(self.model.parameters()))
         self._check(self.weights)
         self.plan: dict = {}
 
@@ -297,7 +291,7 @@ def format_summary(summary: list[dict]) -> list[str]:
     return lines
 
 
-def _model_card(source, dest: Path, bits, group_size, dtype, text_encoder_bits, summary) -> str:
+def _model_card(source, dest: Path, bits, group_size, dtype, text_encoder_bits, summary, variant) -> str:
     command = f"mlx-qwen-image convert --model {source} --output {dest.name}"
     if bits:
         command += f" --bits {bits} --group-size {group_size}"
@@ -309,9 +303,10 @@ def _model_card(source, dest: Path, bits, group_size, dtype, text_encoder_bits, 
         transformer = f"{bits}-bit group-wise affine (group size {group_size}), except: {kept}"
     else:
         transformer = dtype
-    text = f"{text_encoder_bits}-bit (language model and token embedding; vision tower {dtype})" \
-        if text_encoder_bits else dtype
-    front = ["---", "library_name: mlx", "tags: [mlx, qwen-image, text-to-image]"]
+    text = f"{text_encoder_bits}-bit (language model and token embedding)" if text_encoder_bits else dtype
+    text += f"; vision tower {dtype}" if variant.vision else "; no vision tower (text-to-image does not use it)"
+    task = "image-to-image" if variant.edits else "text-to-image"
+    front = ["---", "library_name: mlx", f"tags: [mlx, qwen-image, {task}]"]
     if is_repo_id(source):
         front.append(f"base_model: {source}")
     front.append("---")

@@ -111,9 +111,10 @@ def format_bytes(n: float) -> str:
 def shared_options(fn):
     """Options that generate and edit share."""
     options = [
-        click.option("--steps", type=int, default=None, help="Denoising steps. [default: 50; 4/8 with --lightning]"),
+        click.option("--steps", type=int, default=None,
+                     help="Denoising steps. [default: the checkpoint's, 50; 4/8 with --lightning]"),
         click.option("--cfg-scale", type=float, default=None,
-                     help="True CFG scale; 1 turns CFG off. [default: 4.0; 1 with --lightning]"),
+                     help="True CFG scale; 1 turns CFG off. [default: the checkpoint's, 4.0; 1 with --lightning]"),
         click.option("--negative-prompt", default=None, help='Negative prompt for CFG. [default: " "]'),
         click.option("--seed", type=int, default=None, help="Random seed. [default: random]"),
         click.option("--num-images", type=int, default=1, show_default=True, help="Images with consecutive seeds."),
@@ -137,7 +138,7 @@ def shared_options(fn):
     return fn
 
 
-class Run:
+class Job:
     """The checks and bookkeeping generate and edit share: settings, outputs, loading, the step loop."""
 
     def __init__(self, model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
@@ -145,12 +146,10 @@ class Run:
         if lightning:
             steps = int(lightning) if steps is None else steps
             cfg_scale = 1.0 if cfg_scale is None else cfg_scale
-        steps = 50 if steps is None else steps
-        cfg_scale = 4.0 if cfg_scale is None else cfg_scale
-        if steps < 1:
+        if steps is not None and steps < 1:
             raise UsageError(f"--steps {steps}: at least 1 step is needed")
-        if cfg_scale < 1:
-            raise UsageError(f"--cfg-scale {cfg_scale}: must be at least 1 (1 turns CFG off)")
+        if cfg_scale is not None and not cfg_scale >= 1:
+            raise UsageError(f"--cfg-scale {cfg_scale}: must be a number of at least 1 (1 turns CFG off)")
         if num_images < 1:
             raise UsageError(f"--num-images {num_images}: must be at least 1")
         from .lora import load_lora, parse_lora_arg
@@ -158,8 +157,8 @@ class Run:
         self.loras = [parse_lora_arg(text) for text in loras]
         for path, _ in self.loras:
             load_lora(path)  # a bad file is refused now, not after minutes of loading
-        if seed is not None and not 0 <= seed < 2**63:
-            raise UsageError(f"--seed {seed}: must be in [0, 2**63)")
+        if seed is not None and not 0 <= seed < 2**63 - num_images:
+            raise UsageError(f"--seed {seed}: must be in [0, 2**63 - --num-images)")
         seed = random.randrange(2**31) if seed is None else seed
         self.seeds = [seed + i for i in range(num_images)]
         self.paths = output_paths(output, self.seeds, overwrite)
@@ -168,30 +167,46 @@ class Run:
         self.text_encoder_bits = int(text_encoder_bits) if text_encoder_bits else None
         self.lightning = lightning
         self.start = time.perf_counter()
+        self.peak = 0
 
-    def check_model(self, width=1024, height=1024):
-        from .loading import check_layout, is_repo_id, resolve
-        from .memory import warn_if_too_large
+    def check_model(self, edits: bool, pictures: int = 0, width=1024, height=1024):
+        """Refuse a missing, incomplete or wrong-kind local checkpoint before loading; warn when it cannot fit."""
+        from .loading import is_repo_id
+        from .memory import too_large
+        from .variants import DEFAULT_EDIT, DEFAULT_TEXT_TO_IMAGE, locate
 
-        if not is_repo_id(self.model):  # a local folder: refuse a missing or incomplete one before anything else
-            check_layout(resolve(self.model))
-        warn_if_too_large(self.model, self.quantize, width, height, self.cfg_scale > 1, self.low_memory, self.dtype,
-                          self.text_encoder_bits)
+        variant = DEFAULT_EDIT if edits else DEFAULT_TEXT_TO_IMAGE
+        if not is_repo_id(self.model):
+            _, variant = locate(self.model)
+            if variant.edits != edits:
+                kind, command = ("an image-editing", "edit --image FILE") if variant.edits else \
+                    ("a text-to-image", "generate")
+                raise UsageError(f"{self.model} is {kind} checkpoint ({variant.class_name}): use "
+                                 f"`mlx-qwen-image {command}`")
+            if pictures > variant.max_images:
+                raise UsageError(f"{pictures} pictures given; this checkpoint ({variant.class_name}) takes at most "
+                                 f"{variant.max_images}")
+        cfg = (self.cfg_scale if self.cfg_scale is not None else variant.cfg_scale) > 1
+        warning = too_large(self.model, self.quantize, width, height, cfg, self.low_memory, self.dtype,
+                            self.text_encoder_bits, variant)
+        if warning:
+            click.echo(warning, err=True)
 
-    def load(self, pipeline_cls):
-        pipe = pipeline_cls.from_pretrained(self.model, quantize=self.quantize, dtype=self.dtype, loras=self.loras,
-                                            text_encoder_bits=self.text_encoder_bits)
-        pipe.low_memory = self.low_memory
-        if self.lightning:
-            from .scheduler import lightning_scheduler
+    def load(self):
+        from .pipeline import QwenImagePipeline
+        from .scheduler import LIGHTNING_SCHEDULER_CONFIG
 
-            pipe.scheduler = lightning_scheduler()
-        return pipe
+        return QwenImagePipeline.from_pretrained(
+            self.model, quantize=self.quantize, dtype=self.dtype, loras=self.loras,
+            text_encoder_bits=self.text_encoder_bits, low_memory=self.low_memory,
+            scheduler_config=LIGHTNING_SCHEDULER_CONFIG if self.lightning else None)
 
-    def metadata(self, seed, width, height, **extra):
+    def metadata(self, run, seed, **extra):
+        req = run.request
         return {
             **extra,
-            "seed": seed, "steps": self.steps, "cfg_scale": self.cfg_scale, "width": width, "height": height,
+            "negative_prompt": req.negative_prompts[0] if req.negative_prompts else " ",
+            "seed": seed, "steps": req.steps, "cfg_scale": req.cfg_scale, "width": run.width, "height": run.height,
             "model": str(self.model), "quantization": f"{self.quantize}-bit" if self.quantize else "none",
             "text_encoder_quantization": f"{self.text_encoder_bits}-bit" if self.text_encoder_bits else "none",
             "dtype": self.dtype,
@@ -200,32 +215,28 @@ class Run:
             "software": f"mlx-qwen-image {__version__}",
         }
 
-    def save(self, pipe, run, total, seed, path, metadata):
-        """Evaluate the steps with a progress line, decode, write the PNG atomically."""
+    def save(self, run, seed, path, metadata):
+        """Run the steps with a progress line, decode, write the PNG atomically."""
         from .image import save_png
-        from .pipeline import run_steps
 
-        progress = Progress(total, f"seed {seed}")
-        latents = run_steps(run, total, lambda done, _: progress.update(done))
-        width, height = metadata["width"], metadata["height"]
-        save_png(pipe.decode(latents, width, height, output="pil")[0], path, metadata)
+        progress = Progress(run.total, f"seed {seed}")
+        image = run.complete("pil", lambda done, _: progress.update(done))[0]
+        save_png(image, path, metadata)
+        self.peak = max([self.peak] + [p.get("peak_memory", 0) for p in run.stats.values() if isinstance(p, dict)])
         click.echo(f"saved {path}", err=True)
 
     def done(self):
-        import mlx.core as mx
-
         click.echo(f"done: {len(self.paths)} image(s) in {time.perf_counter() - self.start:.1f} s, "
-                   f"peak memory {format_bytes(mx.get_peak_memory())}", err=True)
+                   f"peak memory {format_bytes(self.peak)}", err=True)
 
 
 def _open_image(path):
-    from PIL import Image
+    from .image import open_image
 
     try:
-        with Image.open(path) as f:
-            return f.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read image {path}: {e}") from None
+        return open_image(path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 @cli.command()
@@ -250,22 +261,19 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
     if init_image is not None and not 0 < strength <= 1:
         raise UsageError(f"--strength {strength}: must be in (0, 1]")
     picture = _open_image(init_image) if init_image is not None else None
-    from .pipeline import QwenImagePipeline, img2img_steps, output_size
-
-    width, height = ASPECTS[aspect] if aspect else output_size(width, height, picture)
-    run = Run(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
+    if aspect:
+        width, height = ASPECTS[aspect]
+    job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
               text_encoder_bits, loras, lightning)
-    run.check_model(width, height)
-    pipe = run.load(QwenImagePipeline)
-    total = run.steps if picture is None else img2img_steps(run.steps, strength)
-    for path, s in zip(run.paths, run.seeds):
-        steps_run = pipe.denoise(prompt, negative_prompt=negative_prompt, width=width, height=height,
-                                 steps=run.steps, cfg_scale=run.cfg_scale, seed=s, image=picture, strength=strength)
+    job.check_model(edits=False, width=width or 1024, height=height or 1024)
+    pipe = job.load()
+    for path, s in zip(job.paths, job.seeds):
+        run = pipe.denoise(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=job.steps,
+                           cfg_scale=job.cfg_scale, seed=s, image=picture,
+                           strength=strength if picture is not None else None)
         extra = {"image": str(init_image), "strength": strength} if picture is not None else {}
-        meta = run.metadata(s, width, height, prompt=prompt,
-                            negative_prompt=" " if negative_prompt is None else negative_prompt, **extra)
-        run.save(pipe, steps_run, total, s, path, meta)
-    run.done()
+        job.save(run, s, path, job.metadata(run, s, prompt=prompt, **extra))
+    job.done()
 
 
 @cli.command()
@@ -284,23 +292,16 @@ def edit(prompt, images, model, width, height, steps, cfg_scale, negative_prompt
     for name, v in (("width", width), ("height", height)):
         if v is not None and (v < 16 or v % 16):
             raise UsageError(f"--{name} {v} is not a multiple of 16; use {_nearest16(v)}")
-    if len(images) > 3:
-        raise UsageError(f"{len(images)} pictures given; the editing models take at most 3")
-    pictures = [_open_image(p) for p in images]
-    from .edit import QwenImageEditPipeline
-
-    run = Run(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
+    job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
               text_encoder_bits, loras, lightning)
-    run.check_model(width or 1024, height or 1024)
-    pipe = run.load(QwenImageEditPipeline)
-    width, height = pipe.prepare_images(pictures, width, height)[2:]
-    for path, s in zip(run.paths, run.seeds):
-        steps_run = pipe.edit_steps(prompt, pictures, negative_prompt=negative_prompt, width=width, height=height,
-                                    steps=run.steps, cfg_scale=run.cfg_scale, seed=s)
-        meta = run.metadata(s, width, height, prompt=prompt, images=", ".join(images),
-                            negative_prompt=" " if negative_prompt is None else negative_prompt)
-        run.save(pipe, steps_run, run.steps, s, path, meta)
-    run.done()
+    job.check_model(edits=True, pictures=len(images), width=width or 1024, height=height or 1024)
+    pictures = [_open_image(p) for p in images]
+    pipe = job.load()
+    for path, s in zip(job.paths, job.seeds):
+        run = pipe.denoise(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=job.steps,
+                           cfg_scale=job.cfg_scale, seed=s, images=pictures)
+        job.save(run, s, path, job.metadata(run, s, prompt=prompt, images=", ".join(images)))
+    job.done()
 
 
 @cli.command("convert")
@@ -341,14 +342,9 @@ def convert_command(source, output, bits, group_size, dtype, text_encoder_bits, 
 def benchmark_command(args):
     """Speed and memory with random weights: s/step, efficiency against MLX's matmul, CUDA/Mac figures.
 
-    Options as `python -m benchmarks.bench` (see `mlx-qwen-image benchmark --help`); needs a source checkout.
+    Options as `python -m mlx_qwen_image.benchmarks.bench` (see `mlx-qwen-image benchmark --help`).
     """
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "bench.py").is_file():
-        raise UsageError("the benchmark lives in the benchmarks/ folder of a source checkout of mlx-qwen-image")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks.bench import main as bench_main
+    from .benchmarks.bench import main as bench_main
 
     code = bench_main(list(args), prog="mlx-qwen-image benchmark")
     if code:

@@ -71,12 +71,16 @@ class SchedulerConfig:
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
     use_beta_sigmas: bool = False
+    # A fixed noise-level grid (distilled checkpoints): used as it is, unshifted, whatever the image size.
+    sigmas: tuple[float, ...] | None = None
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "SchedulerConfig":
         fields = _known_fields(cls, config)
         if "shift_terminal" in config and not config["shift_terminal"]:
             fields["shift_terminal"] = None  # null or 0 means "no terminal stretch"
+        if fields.get("sigmas") is not None:
+            fields["sigmas"] = tuple(float(s) for s in fields["sigmas"])
         return cls(**fields)
 
 

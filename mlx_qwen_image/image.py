@@ -13,6 +13,30 @@ import numpy as np
 from PIL import Image
 
 
+def open_image(image) -> Image.Image:
+    """A picture (a path or a PIL image) as an RGB PIL image; an unreadable one is a one-line ``ValueError``."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as f:
+            return f.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {image}: {e}") from None
+
+
+def resize(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Lanczos, as diffusers' image processor resizes; the picture itself when it already has that size."""
+    return image if image.size == (width, height) else image.resize((width, height), resample=Image.LANCZOS)
+
+
+def fit_area(width: int, height: int, area: int = 1024 * 1024, multiple: int = 32) -> tuple[int, int]:
+    """The size with the aspect of ``width`` x ``height`` and about ``area`` pixels, sides multiples of 32."""
+    import math
+
+    w = math.sqrt(area * width / height)
+    return round(w / multiple) * multiple, round(w / (width / height) / multiple) * multiple
+
+
 def pil_to_array(images: Image.Image | Sequence[Image.Image], dtype: mx.Dtype = mx.float32) -> mx.array:
     """One image or a list of equally sized images -> (B, H, W, 3) in [-1, 1]."""
     if isinstance(images, Image.Image):

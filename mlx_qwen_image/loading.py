@@ -17,8 +17,6 @@ import mlx.core as mx
 from .config import read_json
 from .quantize import apply_plan, plan_from_config, quantize_transformer
 
-DEFAULT_MODEL = "Qwen/Qwen-Image"
-TEXT_TO_IMAGE = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -26,16 +24,14 @@ class CheckpointError(ValueError):
     """A model folder or file that cannot be used; the message says what is wrong and what to do."""
 
 
-def resolve(path_or_repo_id: str | Path, components=TEXT_TO_IMAGE) -> Path:
-    """A local checkpoint folder for ``path_or_repo_id``, downloading from the Hub when it names a repo."""
-    path = Path(path_or_repo_id).expanduser()
-    if not is_repo_id(path_or_repo_id):
-        if not path.exists():
-            raise CheckpointError(f"model folder {path} does not exist (pass a local folder or a Hub repo id)")
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is a file; a model is a checkpoint folder or a Hub repo id")
-        return path
-    return _download(str(path_or_repo_id), components)
+def local_folder(path: str | Path) -> Path:
+    """An existing checkpoint folder, or a `CheckpointError` saying what ``path`` is instead."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise CheckpointError(f"model folder {folder} does not exist (pass a local folder or a Hub repo id)")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file; a model is a checkpoint folder or a Hub repo id")
+    return folder
 
 
 def is_repo_id(name: str | Path) -> bool:
@@ -43,11 +39,13 @@ def is_repo_id(name: str | Path) -> bool:
     return bool(_REPO_ID.match(str(name))) and not Path(name).expanduser().exists()
 
 
-def _download(repo_id: str, components) -> Path:
+def download(repo_id: str, components=None) -> Path:
+    """The Hub snapshot of ``repo_id`` holding ``model_index.json`` and, for each of ``components``, only the
+    files a pipeline reads (configs, safetensors, tokenizer files)."""
     from huggingface_hub import snapshot_download
 
     patterns = ["model_index.json"]
-    for c in components:
+    for c in components or ():
         patterns += [f"{c}/*.json", f"{c}/*.safetensors", f"{c}/*.txt"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
@@ -59,11 +57,8 @@ def _download(repo_id: str, components) -> Path:
         ) from None
 
 
-def check_layout(root: Path, components=TEXT_TO_IMAGE) -> dict:
-    """The checkpoint's ``model_index.json``, after checking that every needed file is there."""
-    index_file = root / "model_index.json"
-    if not index_file.is_file():
-        raise CheckpointError(f"{root} is not a diffusers checkpoint: model_index.json is missing")
+def check_layout(root: Path, components) -> None:
+    """Refuse a checkpoint folder that lacks a file one of ``components`` needs."""
     missing = []
     for c in components:
         folder = root / c
@@ -77,6 +72,9 @@ def check_layout(root: Path, components=TEXT_TO_IMAGE) -> dict:
         elif c == "scheduler":
             if not (folder / "scheduler_config.json").is_file():
                 missing.append("scheduler/scheduler_config.json")
+        elif c == "processor":
+            if not list(folder.glob("*.json")):
+                missing.append("processor/preprocessor_config.json")
         else:
             if not (folder / "config.json").is_file():
                 missing.append(f"{c}/config.json")
@@ -84,7 +82,6 @@ def check_layout(root: Path, components=TEXT_TO_IMAGE) -> dict:
                 missing.append(f"{c}/*.safetensors")
     if missing:
         raise CheckpointError(f"incomplete checkpoint {root}: missing {', '.join(missing)}")
-    return read_json(index_file)
 
 
 def shard_files(folder: Path) -> list[Path]:

@@ -206,11 +206,12 @@ def _delta(entries) -> tuple[mx.array, mx.array | None]:
     return delta, (sum(biases) if biases else None)
 
 
-def fuse_lora_weights(weights: dict[str, mx.array], loras) -> dict[str, mx.array]:
+def fuse_lora_weights(weights: dict[str, mx.array], loras, only=None) -> dict[str, mx.array]:
     """A copy of a sanitized checkpoint dict with ``loras`` ([(source, scale)]) fused into its float weights.
 
     Lazy in, lazy out: for the loader and the converter before quantization (``<path>.weight`` gets
-    ``W + delta`` computed in float32 and cast back to W's dtype).
+    ``W + delta`` computed in float32 and cast back to W's dtype). With ``only`` (layer paths), the LoRAs' other
+    layers are checked but not fused (reloading some layers of a model that has the LoRAs applied).
     """
     quantized = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
     targets = {
@@ -220,6 +221,8 @@ def fuse_lora_weights(weights: dict[str, mx.array], loras) -> dict[str, mx.array
     }
     targets.update({p: None for p in quantized})  # present, but refused below with a clear reason
     per_path = _collect(loras, targets)
+    if only is not None:
+        per_path = {p: e for p, e in per_path.items() if p in set(only)}
     hit = sorted(set(per_path) & quantized)
     if hit:
         _fail("these layers are already quantized; fuse before quantizing or use apply_lora on the loaded model",

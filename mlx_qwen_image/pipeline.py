@@ -1,38 +1,39 @@
-"""QwenImagePipeline: text -> features -> denoising loop -> VAE decode.
+"""QwenImagePipeline: one entry point for every supported checkpoint, one verb, one denoising core.
 
-The denoising loop is a generator (`denoise`) that yields the lazy latents after each step: the caller
-evaluates them (one ``mx.eval`` per step), shows progress and may stop early. ``generate`` is the plain loop
-around it. Memory is staged: with ``low_memory`` the text encoder is dropped once the prompts are encoded
-(it reloads lazily from the checkpoint when needed again).
+``from_pretrained`` reads the checkpoint's variant from the registry (`variants`); ``generate`` (or ``denoise`` for
+step-by-step control) checks the request, a builder in `conditioning` turns it into a `Conditioning`, and
+`_steps`, the one core loop, denoises it with the scheduler's `Schedule`; ``decode`` turns latents into pictures.
+
+Runs are stateless: a `Run` carries its own request, schedule, latents and stats. A pipeline may be called from
+several threads: runs are serialized by a lock inside it and all MLX work happens on the process's MLX owner
+thread (`runtime`), so that lazily loaded weights are always evaluated where they were made.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
-import warnings
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from PIL import Image
 
+from . import runtime
+from .conditioning import Conditioning, Request, builder, output_size
 from .config import read_json
-from .image import array_to_numpy, array_to_pil, pil_to_array
-from .loading import (DEFAULT_MODEL, TEXT_TO_IMAGE, CheckpointError, check_layout, lazy_weights, load_model,
-                      quantize_model, resolve)
-from .models.text_encoder import QwenTextEncoder
-from .quantize import apply_plan, text_encoder_plan
-from .models.transformer import QwenImageTransformer
-from .models.vae import QwenImageVAE
-from .scheduler import FlowMatchEulerScheduler
-from .tokenizer import TEMPLATE_SUFFIX_TOKENS, TEXT_TO_IMAGE_DROP, TEXT_TO_IMAGE_TEMPLATE, QwenTokenizer
+from .image import array_to_numpy, array_to_pil, open_image, pil_to_array
+from .image_processor import QwenImageProcessor
+from .loading import lazy_weights, load_model, quantize_model
+from .prompts import MAX_SEQUENCE_LENGTH, FeatureCache, PromptEncoder
+from .quantize import is_quantized
+from .scheduler import scheduler_from_config
+from .tokenizer import QwenTokenizer
+from .variants import DEFAULT_TEXT_TO_IMAGE, Variant, locate
 
-# Qwen-Image conditions on at most 1024 text features (prompt tokens plus the 5 closing template tokens);
-# diffusers refuses larger values of max_sequence_length too.
-MAX_SEQUENCE_LENGTH = 1024
+DEFAULT_MODEL = "Qwen/Qwen-Image"
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-TEXT_TO_IMAGE_CLASSES = ("QwenImagePipeline", "QwenImageImg2ImgPipeline")
 
 
 def _dtype(dtype) -> mx.Dtype:
@@ -51,8 +52,8 @@ def check_request(width: int, height: int, steps: int, cfg_scale: float):
             raise ValueError(f"{name} {v} is not a multiple of 16; use {lo}" + (f" or {lo + 16}" if v > lo else ""))
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    if cfg_scale < 1:
-        raise ValueError(f"cfg_scale must be at least 1 (1 turns CFG off), got {cfg_scale}")
+    if not math.isfinite(cfg_scale) or cfg_scale < 1:
+        raise ValueError(f"cfg_scale must be a number of at least 1 (1 turns CFG off), got {cfg_scale}")
 
 
 def pack_latents(z: mx.array) -> mx.array:
@@ -77,28 +78,117 @@ def guided(cond: mx.array, uncond: mx.array, scale: float) -> mx.array:
     return comb * (mx.linalg.norm(cond, axis=-1, keepdims=True) / mx.linalg.norm(comb, axis=-1, keepdims=True))
 
 
+class Run:
+    """One request. Iterating runs it: the conditioning, then one denoising step per item (the evaluated packed
+    latents); `complete` runs what is left and decodes. ``stats`` holds each phase's seconds and peak memory.
+
+    A run holds its pipeline (other runs wait) until it finishes or is closed (``close()``, or dropping it).
+    """
+
+    def __init__(self, pipe: "QwenImagePipeline", request: Request, schedule, low_memory: bool,
+                 conditioning: Conditioning | None = None):
+        self.pipe, self.request, self.schedule, self.low_memory = pipe, request, schedule, low_memory
+        self.conditioning = conditioning  # prebuilt (`sample`); otherwise the request's builder makes it
+        self.width, self.height = request.width, request.height
+        self.total = schedule.steps
+        self.done = 0
+        self.latents: mx.array | None = None
+        self.stats: dict = {}
+        self._iterator = None
+
+    def __iter__(self):
+        if self._iterator is None:
+            self._iterator = self._run()
+        return self._iterator
+
+    def __next__(self):
+        return next(iter(self))
+
+    def _run(self):
+        with self.pipe._lock:
+            steps = self.pipe._steps(self)
+            try:
+                while (x := runtime.call(next, steps, None)) is not None:
+                    self.latents, self.done = x, self.done + 1
+                    yield x
+            finally:
+                runtime.call(steps.close)
+
+    def close(self):
+        """Stop the run early; the pipeline is restored and free for other runs."""
+        if self._iterator is not None:
+            self._iterator.close()
+
+    def complete(self, output: str = "pil", progress=None):
+        """Run the remaining steps (``progress(done, total)`` after each) and decode: a list of images."""
+        if output not in ("pil", "np"):
+            raise ValueError(f"output must be 'pil' or 'np', got {output!r}")
+        for _ in self:
+            if progress is not None:
+                progress(self.done, self.total)
+        if self.done < self.total:
+            raise RuntimeError(f"the run was closed after {self.done} of {self.total} steps")
+        with self.pipe._lock:
+            return runtime.call(self.pipe._decode, self.latents, self.width, self.height, output, self.stats)
+
+
+class _TimestepSource:
+    """Where freed timestep-path weights come back from: the checkpoint, with the pipeline's own LoRAs fused."""
+
+    def __init__(self, folder: Path, dtype, loras):
+        self.folder, self.dtype, self.loras = folder, dtype, list(loras)
+
+    def weights(self, model) -> dict:
+        weights = model.sanitize(lazy_weights(self.folder))
+        if not self.loras:
+            return weights
+        from .lora import fuse_lora_weights
+
+        cast = {k: v.astype(self.dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+        return fuse_lora_weights(cast, self.loras, only=model.modulation_layer_paths())
+
+
 class QwenImagePipeline:
-    def __init__(self, transformer=None, vae=None, text_encoder=None, tokenizer=None, scheduler=None):
-        self.transformer: QwenImageTransformer | None = transformer
-        self.vae: QwenImageVAE | None = vae
-        self.text_encoder: QwenTextEncoder | None = text_encoder
-        self.tokenizer: QwenTokenizer | None = tokenizer
-        self.scheduler = scheduler or FlowMatchEulerScheduler()
-        self.low_memory = False
-        self.stats: dict[str, dict[str, float]] = {}
-        self._text_encoder_source: tuple[Path, mx.Dtype, int | None] | None = None  # folder, dtype, bits
-        self._transformer_source: Path | None = None
-        self.loras: list[tuple] = []  # (source, scale) fused or added into the transformer
-        self._features = None  # (key, (embeds, mask)) of the last encoded prompts
+    def __init__(self, transformer=None, vae=None, text_encoder=None, tokenizer=None, scheduler=None,
+                 variant: Variant = DEFAULT_TEXT_TO_IMAGE, processor: QwenImageProcessor | None = None,
+                 low_memory: bool = False, timestep_source=None):
+        """Components whose arrays the MLX owner thread can evaluate (made through ``runtime.call``, or already
+        evaluated); `from_pretrained` is the usual way in. ``timestep_source`` (``weights(model) -> dict``) gives
+        back the timestep-path weights that low-memory runs free; without one they are never freed."""
+        self.transformer, self.vae = transformer, vae
+        self.prompts = PromptEncoder(variant, tokenizer, text_encoder, processor)
+        self.scheduler = scheduler or scheduler_from_config({})
+        self.variant = variant
+        self.low_memory = low_memory  # the default of every run's low_memory
+        self.loras: list[tuple] = []  # (source, scale) applied through this pipeline
+        self._lock = threading.RLock()
+        self._timestep_source = timestep_source
+
+    # The text side lives in `prompts`; these are its parts under the names diffusers users know.
+    text_encoder = property(lambda self: self.prompts.text_encoder,
+                            lambda self, model: setattr(self.prompts, "text_encoder", model))
+    tokenizer = property(lambda self: self.prompts.tokenizer)
+    processor = property(lambda self: self.prompts.processor)
+
+    @property
+    def prompt_cache(self) -> FeatureCache | None:
+        """Text features of the last request; ``pipe.prompt_cache = None`` turns caching off."""
+        return self.prompts.cache
+
+    @prompt_cache.setter
+    def prompt_cache(self, cache: FeatureCache | None):
+        self.prompts.cache = cache
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path = DEFAULT_MODEL, quantize: int | None = None,
-                        dtype="bfloat16", loras=(), text_encoder_bits: int | None = None) -> "QwenImagePipeline":
-        """Load a diffusers-layout checkpoint (local folder or Hub repo id); weights are read lazily.
+                        dtype="bfloat16", loras=(), text_encoder_bits: int | None = None,
+                        scheduler_config: dict | None = None, low_memory: bool = False) -> "QwenImagePipeline":
+        """Load any supported checkpoint (a local diffusers-layout folder or a Hub repo id); weights load lazily.
 
         ``loras``: (path, scale) pairs, fused into the float weights before ``quantize`` applies (on an already
         quantized checkpoint they run beside the quantized layers). ``text_encoder_bits=8`` quantizes the text
-        encoder's language model on load, as ``convert --text-encoder-bits 8`` does.
+        encoder's language model on load. ``scheduler_config`` replaces the checkpoint's (e.g.
+        ``scheduler.LIGHTNING_SCHEDULER_CONFIG``). ``low_memory``: the default memory policy of runs.
         """
         if quantize not in (None, 4, 8):
             raise ValueError(f"quantize must be None, 4 or 8, got {quantize!r}")
@@ -106,292 +196,273 @@ class QwenImagePipeline:
             raise ValueError(f"text_encoder_bits must be None or 8, got {text_encoder_bits!r} (at 4 bits the text "
                              "features change by 20-50% on the measured models)")
         dt = _dtype(dtype)
-        root = resolve(path_or_repo_id, cls.COMPONENTS)
-        kind = check_layout(root, cls.REQUIRED).get("_class_name", "")
-        if kind not in cls.CLASSES:
-            raise CheckpointError(cls._wrong_checkpoint(root, kind))
-        transformer = load_model(QwenImageTransformer, root / "transformer", dt)
+        root, variant = locate(path_or_repo_id)
+        cls._check_variant(root, variant)
+        scheduler = scheduler_from_config(scheduler_config if scheduler_config is not None
+                                          else read_json(root / "scheduler" / "scheduler_config.json"))
+        pipe = runtime.call(cls._load, root, variant, dt, quantize, list(loras), text_encoder_bits, scheduler)
+        pipe.low_memory = low_memory
+        return pipe
+
+    @classmethod
+    def _check_variant(cls, root: Path, variant: Variant):
+        """Subclasses that serve only some variants refuse the others here, before anything loads."""
+
+    @classmethod
+    def _load(cls, root, variant, dtype, quantize, loras, text_encoder_bits, scheduler) -> "QwenImagePipeline":
+        transformer = load_model(variant.model_class("transformer"), root / "transformer", dtype)
         if loras:
             from .lora import apply_lora
 
-            apply_lora(transformer, list(loras))
-        if quantize and not _is_quantized(transformer):
+            apply_lora(transformer, loras)
+        if quantize and not is_quantized(transformer):
             quantize_model(transformer, bits=quantize)
+        transformer.mark_timestep_path()
         pipe = cls(
             transformer=transformer,
-            vae=load_model(QwenImageVAE, root / "vae", dt),
+            vae=load_model(variant.model_class("vae"), root / "vae", dtype),
             tokenizer=QwenTokenizer.from_pretrained(root / "tokenizer"),
-            scheduler=FlowMatchEulerScheduler.from_config(read_json(root / "scheduler" / "scheduler_config.json")),
-            **cls._extra_components(root, kind),
+            scheduler=scheduler,
+            variant=variant,
+            processor=QwenImageProcessor.from_pretrained(root / "processor") if variant.vision else None,
         )
-        pipe._text_encoder_source = (root / "text_encoder", dt, text_encoder_bits)
-        pipe._ensure_text_encoder()
-        pipe._transformer_source = root / "transformer"
+        pipe.prompts.source = (root / "text_encoder", dtype, text_encoder_bits)
+        pipe.prompts.load()
+        pipe._timestep_source = _TimestepSource(root / "transformer", dtype, loras)
         pipe.loras = list(loras)
         return pipe
 
-    COMPONENTS = REQUIRED = TEXT_TO_IMAGE
-    CLASSES = TEXT_TO_IMAGE_CLASSES
-    VISION = False
-
-    @staticmethod
-    def _wrong_checkpoint(root, kind: str) -> str:
-        if kind.startswith("QwenImageEdit"):
-            return f"{root} is an image-editing checkpoint ({kind}): use `mlx-qwen-image edit` (QwenImageEditPipeline)"
-        return f"{root} holds a {kind or 'unknown'} checkpoint, not a Qwen-Image text-to-image one"
-
-    @staticmethod
-    def _extra_components(root, kind: str) -> dict:
-        return {}
-
     def load_lora(self, path, scale: float = 1.0) -> int:
         """Apply a LoRA (safetensors) to the transformer; several LoRAs add up. Returns the layers changed."""
+        with self._lock:
+            return runtime.call(self._load_lora, path, scale)
+
+    def _load_lora(self, path, scale):
         from .lora import apply_lora
 
+        reloadable = self.transformer.timestep_path_marked
         changed = apply_lora(self.transformer, [(path, scale)])
         self.loras.append((path, scale))
+        if reloadable and self._timestep_source is not None:  # the reload source learns the new LoRA too
+            self._timestep_source.loras.append((path, scale))
+            self.transformer.mark_timestep_path()
         return changed
 
     # -- text ----------------------------------------------------------------------------------------------
 
-    def _ensure_text_encoder(self):
-        if self.text_encoder is None and self._text_encoder_source is not None:
-            folder, dtype, bits = self._text_encoder_source
-            self.text_encoder = load_model(QwenTextEncoder, folder, dtype, vision=self.VISION)
-            if bits and not _is_quantized(self.text_encoder):
-                apply_plan(self.text_encoder, text_encoder_plan(self.text_encoder, bits))
-        return self.text_encoder
+    def encode_prompt(self, prompt: str | list[str], images=None, max_sequence_length: int = MAX_SEQUENCE_LENGTH):
+        """Text features ``(B, L, hidden)`` and their mask ``(B, L)`` (1 = token, 0 = right padding); on an editing
+        checkpoint ``images`` are the pictures, prepared for the vision tower as a run prepares them.
+
+        Equal to diffusers' ``encode_prompt`` whenever a prompt fits in ``max_sequence_length`` features. A longer
+        prompt loses its last tokens (not the closing template tokens, as in diffusers), with a warning.
+        """
+        from .conditioning import edit_pictures
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        pictures = None
+        if images is not None:
+            self._check_pictures(images)
+            pictures = edit_pictures(self.variant, [open_image(i) for i in _as_list(images)])[0]
+        with self._lock:
+            return runtime.call(self.prompts.encode, prompts, pictures, max_sequence_length)
+
+    def text_features(self, rows: list[str], pictures=None):
+        """Evaluated features of a text-encoder batch (the builders' entry; on the MLX owner thread)."""
+        return self.prompts.features(rows, pictures)
 
     def free_text_encoder(self):
         """Drop the text encoder's weights; it is reloaded (lazily) the next time a prompt is encoded."""
-        if self._text_encoder_source is not None:
-            self.text_encoder = None
-            mx.clear_cache()
+        self.prompts.free()
 
-    def encode_prompt(
-        self, prompt: str | list[str], max_sequence_length: int = MAX_SEQUENCE_LENGTH
-    ) -> tuple[mx.array, mx.array]:
-        """Text features ``(B, L, hidden)`` and their mask ``(B, L)`` (1 = token, 0 = right padding).
+    # -- pictures ------------------------------------------------------------------------------------------
 
-        Equal to diffusers' ``QwenImagePipeline.encode_prompt`` whenever a prompt fits in
-        ``max_sequence_length`` features. A longer prompt loses its last tokens, not the closing template
-        tokens as in diffusers (whose tokenizer truncation cuts the template's end first), with a warning.
-        """
-        if not TEMPLATE_SUFFIX_TOKENS < max_sequence_length <= MAX_SEQUENCE_LENGTH:
-            raise ValueError(
-                f"max_sequence_length must be in ({TEMPLATE_SUFFIX_TOKENS}, {MAX_SEQUENCE_LENGTH}], "
-                f"got {max_sequence_length}"
-            )
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("encode_prompt needs at least one prompt")
-        self._ensure_text_encoder()
-        # The whole template is tokenized at once, as diffusers does, so a prompt's first token may merge
-        # with the template's "\n"; positions, not strings, decide what is dropped.
-        sequences = self.tokenizer.encode_batch([TEXT_TO_IMAGE_TEMPLATE.format(p) for p in prompts])
-        for i, ids in enumerate(sequences):
-            excess = len(ids) - TEXT_TO_IMAGE_DROP - max_sequence_length
-            if excess > 0:
-                kept = max_sequence_length - TEMPLATE_SUFFIX_TOKENS
-                warnings.warn(
-                    f"prompt {i} has {kept + excess} tokens, more than the {kept} that fit in "
-                    f"max_sequence_length={max_sequence_length}: its last {excess} tokens were cut",
-                    stacklevel=2,
-                )
-                sequences[i] = ids[: TEXT_TO_IMAGE_DROP + kept] + ids[-TEMPLATE_SUFFIX_TOKENS:]
-
-        lengths = [len(ids) for ids in sequences]
-        longest = max(lengths)
-        input_ids = np.full((len(sequences), longest), self.tokenizer.pad_token_id, dtype=np.int32)
-        mask = np.zeros((len(sequences), longest), dtype=np.int32)
-        for i, ids in enumerate(sequences):
-            input_ids[i, : len(ids)] = ids
-            mask[i, : len(ids)] = 1
-        padded = min(lengths) < longest
-        hidden = self.text_encoder(mx.array(input_ids), mx.array(mask) if padded else None)
-
-        mask = mx.array(mask[:, TEXT_TO_IMAGE_DROP:])
-        embeds = mx.where(mask[..., None].astype(mx.bool_), hidden[:, TEXT_TO_IMAGE_DROP:], 0)
-        return embeds, mask
-
-    def _conditioning(self, prompts: list[str], negative_prompt, cfg: bool):
-        """Features of [prompts; negative prompts] in one text-encoder pass (the weights are read once)."""
-        if not cfg:
-            return self.encode_prompt(prompts)
-        negatives = [" " if negative_prompt is None else negative_prompt] * len(prompts)
-        if isinstance(negative_prompt, (list, tuple)):
-            if len(negative_prompt) != len(prompts):
-                raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
-            negatives = list(negative_prompt)
-        return self.encode_prompt(prompts + negatives)
-
-    # -- denoising -----------------------------------------------------------------------------------------
-
-    def _phase(self, name: str, start: float):
-        self.stats[name] = {"seconds": time.perf_counter() - start, "peak_memory": mx.get_peak_memory()}
-        mx.reset_peak_memory()
-
-    def initial_latents(self, batch: int, width: int, height: int, seed: int, latents=None) -> mx.array:
-        """Packed float32 noise ``(batch, (H/16)(W/16), 64)``; item ``i`` uses seed ``seed + i``."""
-        n, channels = (height // 16) * (width // 16), self.transformer.config.in_channels
-        if latents is not None:
-            latents = mx.array(np.asarray(latents, dtype=np.float32)) if not isinstance(latents, mx.array) else latents
-            if latents.shape != (batch, n, channels):
-                raise ValueError(
-                    f"latents have shape {tuple(latents.shape)}; expected {(batch, n, channels)} "
-                    f"(batch, (H/16)*(W/16), {channels}) for {width}x{height}"
-                )
-            return latents.astype(mx.float32)
-        if not 0 <= seed < 2**63 - batch:
-            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-        return mx.stack([mx.random.normal((n, channels), key=mx.random.key(seed + i)) for i in range(batch)])
-
-    def encode_image(self, image, width: int, height: int) -> mx.array:
-        """A PIL image -> normalised packed latents ``(1, (H/16)(W/16), 64)`` (the latent mean, resized with
-        Lanczos to ``width`` x ``height`` as diffusers' image processor does)."""
-        image = image.convert("RGB")
-        if image.size != (width, height):
-            image = image.resize((width, height), resample=Image.LANCZOS)
+    def encode_image(self, image) -> mx.array:
+        """A picture at its own size (sides multiples of 16) -> normalised packed latents ``(1, (H/16)(W/16), C)``
+        (the VAE's latent mean)."""
         x = pil_to_array(image, dtype=self.vae.dtype)
         return pack_latents(self.vae.normalize_latents(self.vae.encode(x)).astype(mx.float32))
 
-    def _encode_phase(self, key, encode):
-        """Text features, evaluated; reused when ``key`` equals the previous run's (several seeds of one prompt
-        encode once, and a released text encoder is not reloaded for them). Releases the text encoder if asked."""
-        mx.reset_peak_memory()
-        start = time.perf_counter()
-        if self._features is not None and self._features[0] == key:
-            embeds, mask = self._features[1]
-        else:
-            self._features = None
-            embeds, mask = encode()
-            mx.eval(embeds, mask)
-            self._features = (key, (embeds, mask))
-        if self.low_memory:
-            self.free_text_encoder()
-        self._phase("text_encoder", start)
-        return embeds, mask
+    def _check_pictures(self, images):
+        v = self.variant
+        if not v.edits:
+            raise ValueError(f"this checkpoint ({v.class_name}) takes no edit pictures; it does {v.tasks}")
+        count = len(_as_list(images))
+        if count < 1:
+            raise ValueError("editing needs at least one picture in images=[...]")
+        if count > v.max_images:
+            raise ValueError(f"this checkpoint ({v.class_name}) takes at most {v.max_images} picture(s), got {count}")
 
-    def denoise(self, prompt, negative_prompt=None, width=None, height=None, steps=50, cfg_scale=4.0, seed=0,
-                latents=None, image=None, strength=0.6):
-        """Yield the (lazy) packed latents after each denoising step.
+    # -- runs ----------------------------------------------------------------------------------------------
 
-        With ``image`` (img2img) the run starts from the encoded image mixed with the noise at the noise level
-        where a ``strength`` fraction of the ``steps`` remains, and only those steps run. ``latents`` is the
-        noise (packed layout); without it the noise comes from ``seed``.
-        """
+    def denoise(self, prompt, negative_prompt=None, width=None, height=None, steps=None, cfg_scale=None, seed=0,
+                latents=None, images=None, image=None, strength=None, low_memory=None, hooks=()) -> Run:
+        """A `Run` of ``generate``'s request: iterate it for the evaluated latents after each step, then
+        ``run.complete()`` decodes. Everything about the request is checked here, before any work."""
+        v = self.variant
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if image is not None and not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        width, height = output_size(width, height, image)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        if image is not None and not v.img2img:
+            raise ValueError(f"this checkpoint ({v.class_name}) does not do img2img; it does {v.tasks}")
+        if images is not None:
+            self._check_pictures(images)
+        elif v.edits:
+            raise ValueError(f"this checkpoint ({v.class_name}) edits pictures: pass images=[...] "
+                             "(mlx-qwen-image edit --image FILE)")
+        if strength is not None and image is None:
+            raise ValueError("strength applies to img2img only: pass image= too")
+        pictures = tuple(open_image(i) for i in _as_list(images)) if images is not None else ()
+        picture = open_image(image) if image is not None else None
+        if picture is not None and strength is None:
+            strength = 0.6
+        steps = (self.scheduler.fixed_steps or v.steps) if steps is None else steps
+        cfg_scale = v.cfg_scale if cfg_scale is None else cfg_scale
+        width, height = output_size(v, width, height, picture, pictures)
         check_request(width, height, steps, cfg_scale)
-        batch, cfg = len(prompts), cfg_scale > 1
-        key = ("text", tuple(prompts), negative_prompt if isinstance(negative_prompt, str) or negative_prompt is None
-               else tuple(negative_prompt), cfg)
-        embeds, mask = self._encode_phase(key, lambda: self._conditioning(prompts, negative_prompt, cfg))
+        negatives = None
+        if cfg_scale > 1:
+            negatives = [" " if negative_prompt is None else negative_prompt] * len(prompts)
+            if isinstance(negative_prompt, (list, tuple)):
+                if len(negative_prompt) != len(prompts):
+                    raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
+                negatives = list(negative_prompt)
+        n, channels = (height // 16) * (width // 16), self.transformer.config.in_channels
+        if latents is not None:
+            latents = latents if isinstance(latents, mx.array) else mx.array(np.asarray(latents, dtype=np.float32))
+            if latents.shape != (len(prompts), n, channels):
+                raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {(len(prompts), n, channels)} "
+                                 f"(batch, (H/16)*(W/16), {channels}) for {width}x{height}")
+            latents = latents.astype(mx.float32)
+            mx.eval(latents)
+        elif not 0 <= seed < 2**63 - len(prompts):
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        schedule = self.scheduler.schedule(steps, n, strength)
+        request = Request(tuple(prompts), tuple(negatives) if negatives else None, width, height, steps, cfg_scale,
+                          seed, latents, pictures, picture, strength, tuple(hooks))
+        return Run(self, request, schedule, self.low_memory if low_memory is None else low_memory)
 
-        start = time.perf_counter()
-        x = self.initial_latents(batch, width, height, seed, latents)
-        sigmas = self.scheduler.sigmas(steps, x.shape[1])
-        timesteps = self.scheduler.timesteps(steps, x.shape[1])
-        if image is not None:
-            first = steps - img2img_steps(steps, strength)
-            sigmas, timesteps = sigmas[first:], timesteps[first:]
-            s0 = mx.array(sigmas[0])  # float32, as the reference mixes
-            x = s0 * x + (1 - s0) * self.encode_image(image, width, height)
-        img_shapes = [[(1, height // 16, width // 16)]] * (2 * batch if cfg else batch)
-        yield from self.sample(x, embeds, mask, sigmas, timesteps, cfg_scale, img_shapes)
-        self._phase("denoise", start)
+    def sample(self, conditioning: Conditioning, steps: int, seed: int = 0, latents=None, low_memory=None) -> Run:
+        """A `Run` of the core loop on a prebuilt `Conditioning` (what the builders make; the benchmark and
+        parallel runs build their own)."""
+        c = conditioning
+        if latents is not None:
+            latents = latents if isinstance(latents, mx.array) else mx.array(np.asarray(latents, dtype=np.float32))
+            mx.eval(latents)
+        request = Request(("",) * c.batch, ("",) * c.batch if c.cfg else None, c.width, c.height, steps,
+                          c.cfg_scale, seed, latents, strength=c.strength, hooks=c.hooks)
+        schedule = self.scheduler.schedule(steps, c.image_tokens, c.strength)
+        return Run(self, request, schedule, self.low_memory if low_memory is None else low_memory, conditioning)
 
-    def sample(self, x, embeds, mask, sigmas, timesteps, cfg_scale, img_shapes, reference=None):
-        """The denoising loop proper: one transformer call per step ([cond; uncond] stacked under CFG).
+    def generate(self, prompt, negative_prompt=None, width=None, height=None, steps=None, cfg_scale=None, seed=0,
+                 latents=None, output="pil", images=None, image=None, strength=None, low_memory=None, hooks=(),
+                 progress=None):
+        """Images for ``prompt`` (a string: one image; a list: one per prompt, seeds ``seed``, ``seed + 1`` ...).
 
-        The timestep path (every ``*_mod`` layer, 6.8B parameters) runs once for the whole schedule before the
-        loop; with ``low_memory`` its weights are freed for the loop and come back lazily from the checkpoint.
-        ``reference`` (packed latents of Edit reference images) is appended to the image tokens of every call.
+        ``images=[...]``: the pictures an editing checkpoint edits. ``image=`` with ``strength=`` (default 0.6):
+        img2img on a text-to-image checkpoint. Steps, CFG scale and size default to the checkpoint's (size: the
+        (last) picture's aspect at about 1024x1024 when there is one). ``progress(done, total)`` is called after
+        each step. What a checkpoint cannot do is refused with a ``ValueError`` saying what it can do.
         """
-        batch, n, cfg = x.shape[0], x.shape[1], cfg_scale > 1
-        model = self.transformer
-        # The reference feeds timestep / 1000 (not sigma itself); equal up to float32 rounding.
-        t_all = np.asarray(timesteps, dtype=np.float32) / np.float32(1000)
-        # A fused LoRA is not in the checkpoint the weights would come back from: then they stay.
-        drop = self.low_memory and self._transformer_source is not None and not self.loras
-        table = model.modulation_table(t_all, drop_weights=drop)
-        try:
-            for i in range(len(timesteps)):
-                t = mx.full((2 * batch if cfg else batch,), t_all[i], dtype=mx.float32)
-                inp = x.astype(model.dtype)
-                if reference is not None:
-                    inp = mx.concatenate([inp, mx.broadcast_to(reference, (batch, *reference.shape[1:]))], axis=1)
-                v = model(mx.concatenate([inp, inp]) if cfg else inp, embeds, mask, t, img_shapes,
-                          modulations=table[i])
-                if reference is not None:
-                    v = v[:, :n]
-                if cfg:
-                    v = guided(v[:batch], v[batch:], cfg_scale)
-                x = self.scheduler.step(x, v, sigmas[i], sigmas[i + 1])
-                yield x
-        finally:
-            if drop:  # lazy: read from disk again only when the next run's table needs them
-                model.restore_modulation_weights(lazy_weights(self._transformer_source))
+        if output not in ("pil", "np"):
+            raise ValueError(f"output must be 'pil' or 'np', got {output!r}")
+        run = self.denoise(prompt, negative_prompt, width, height, steps, cfg_scale, seed, latents, images, image,
+                           strength, low_memory, hooks)
+        pictures = run.complete(output, progress)
+        return pictures[0] if isinstance(prompt, str) else pictures
+
+    def edit(self, prompt, images, **kwargs):
+        """``generate(prompt, images=images, ...)``, kept for the editing API of earlier versions."""
+        return self.generate(prompt, images=images, **kwargs)
+
+    def _steps(self, run: Run):
+        """The core loop, on the MLX owner thread: build the conditioning, then one transformer call per step
+        ([cond; uncond] stacked under CFG), the Euler step, the hooks; yields the evaluated latents."""
+        req, schedule, stats = run.request, run.schedule, run.stats
+        with runtime.wired_limit():
+            start = _phase_start()
+            cond = run.conditioning or builder(req)(self, req)
+            if run.low_memory:
+                self.free_text_encoder()
+            _phase(stats, "conditioning", start)
+
+            start = _phase_start()
+            x = self._noise(req, cond.image_tokens)
+            if cond.start is not None:
+                x = self.scheduler.add_noise(cond.start, x, schedule)
+            model, batch = self.transformer, cond.batch
+            # Freed only when the model still holds what the source gives back (a LoRA fused another way stays).
+            drop = run.low_memory and self._timestep_source is not None and model.timestep_path_marked
+            table = model.modulation_table(schedule.timesteps, drop_weights=drop)
+            stats["modulation_table"] = {"seconds": time.perf_counter() - start, "peak_memory": mx.get_peak_memory()}
+            rows = 2 * batch if cond.cfg else batch
+            reference = None
+            if cond.reference is not None:
+                reference = mx.broadcast_to(cond.reference.astype(model.dtype), (batch, *cond.reference.shape[1:]))
+            img_shapes, step_seconds = [cond.segments] * rows, []
+            try:
+                for i in range(schedule.steps):
+                    t0 = time.perf_counter()
+                    compute = partial(self._velocity, model, x, cond, reference, img_shapes, table[i],
+                                      schedule.timesteps[i], rows)
+                    for hook in reversed(cond.hooks):
+                        compute = partial(hook.predict, i, float(schedule.sigmas[i]), compute)
+                    x = self.scheduler.step(x, compute(), schedule, i)
+                    for hook in cond.hooks:
+                        x = hook.after_step(i, x, float(schedule.sigmas[i + 1]))
+                    mx.eval(x)
+                    step_seconds.append(time.perf_counter() - t0)
+                    yield x
+            finally:
+                if drop:  # lazy: read from disk again only when the next run's table needs them
+                    model.restore_modulation_weights(self._timestep_source.weights(model))
+                stats["steps"] = step_seconds
+                _phase(stats, "denoise", start)
+
+    @staticmethod
+    def _velocity(model, x, cond, reference, img_shapes, modulations, timestep, rows) -> mx.array:
+        inp = x.astype(model.dtype)
+        if reference is not None:
+            inp = mx.concatenate([inp, reference], axis=1)
+        t = mx.full((rows,), timestep, dtype=mx.float32)
+        v = model(mx.concatenate([inp, inp]) if cond.cfg else inp, cond.embeds, cond.mask, t, img_shapes,
+                  modulations=modulations)
+        if reference is not None:
+            v = v[:, : cond.image_tokens]
+        return guided(v[: cond.batch], v[cond.batch:], cond.cfg_scale) if cond.cfg else v
+
+    def _noise(self, req: Request, n: int) -> mx.array:
+        """Packed float32 noise ``(batch, n, C)``: the request's latents, or item ``i`` from seed ``seed + i``."""
+        if req.latents is not None:
+            return req.latents
+        channels = self.transformer.config.in_channels
+        return mx.stack([mx.random.normal((n, channels), key=mx.random.key(req.seed + i)) for i in range(req.batch)])
 
     def decode(self, latents: mx.array, width: int, height: int, output: str = "pil"):
         """Packed latents -> a list of PIL images, or (B, H, W, 3) float32 numpy in [0, 1] for "np"."""
         if output not in ("pil", "np"):
             raise ValueError(f"output must be 'pil' or 'np', got {output!r}")
-        start = time.perf_counter()
+        with self._lock:
+            return runtime.call(self._decode, latents, width, height, output, {})
+
+    def _decode(self, latents, width, height, output, stats):
+        start = _phase_start()
         z = self.vae.denormalize_latents(unpack_latents(latents, height, width).astype(self.vae.dtype))
         x = self.vae.decode(z)
         mx.eval(x)
-        self._phase("decode", start)
+        _phase(stats, "decode", start)
         return array_to_pil(x) if output == "pil" else array_to_numpy(x)
 
-    def generate(self, prompt, negative_prompt=None, width=None, height=None, steps=50, cfg_scale=4.0, seed=0,
-                 latents=None, output="pil", image=None, strength=0.6, progress=None):
-        """Images for ``prompt`` (a string: one image; a list: one per prompt, seeds ``seed``, ``seed + 1`` ...).
 
-        Size: 1024x1024 by default; with ``image`` (img2img) the image's aspect at about 1024x1024 pixels.
-        ``progress(done, total)`` is called after each evaluated step.
-        """
-        if output not in ("pil", "np"):
-            raise ValueError(f"output must be 'pil' or 'np', got {output!r}")
-        width, height = output_size(width, height, image)
-        total = steps if image is None else img2img_steps(steps, strength)
-        run = self.denoise(prompt, negative_prompt, width, height, steps, cfg_scale, seed, latents, image, strength)
-        images = self.decode(run_steps(run, total, progress), width, height, output)
-        return images[0] if isinstance(prompt, str) else images
+def _phase_start() -> float:
+    mx.reset_peak_memory()
+    return time.perf_counter()
 
 
-def run_steps(run, total: int, progress=None) -> mx.array:
-    """Evaluate a denoising generator step by step; returns the final latents."""
-    x = None
-    for done, x in enumerate(run, 1):
-        mx.eval(x)
-        if progress is not None:
-            progress(done, total)
-    return x
+def _phase(stats: dict, name: str, start: float):
+    stats[name] = {"seconds": time.perf_counter() - start, "peak_memory": mx.get_peak_memory()}
 
 
-def fit_area(width: int, height: int, area: int = 1024 * 1024, multiple: int = 32) -> tuple[int, int]:
-    """The size with the aspect of ``width`` x ``height`` and about ``area`` pixels, sides multiples of 32."""
-    w = math.sqrt(area * width / height)
-    return round(w / multiple) * multiple, round(w / (width / height) / multiple) * multiple
-
-
-def output_size(width, height, image=None) -> tuple[int, int]:
-    """Requested size, defaulting to 1024x1024, or to ``image``'s aspect at about 1024x1024 pixels."""
-    if image is not None and (width is None or height is None):
-        fit_w, fit_h = fit_area(*image.size)
-        width, height = width or fit_w, height or fit_h
-    return width or 1024, height or 1024
-
-
-def img2img_steps(steps: int, strength: float) -> int:
-    """Steps that run for ``strength``: diffusers skips ``int(steps - steps * strength)`` of them."""
-    return steps - int(max(steps - min(steps * strength, steps), 0))
-
-
-def _is_quantized(model) -> bool:
-    import mlx.nn as nn
-
-    return any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+def _as_list(images) -> list:
+    return [images] if isinstance(images, (str, Path)) or hasattr(images, "size") and hasattr(images, "mode") \
+        else list(images)

@@ -85,6 +85,10 @@ def _check(bits: int, group_size: int):
         raise ValueError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
 
 
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+
+
 def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
     """Quantize ``model``'s layers in place as ``plan`` says (lazily: nothing is evaluated)."""
     nn.quantize(model, class_predicate=lambda path, module: dict(plan[path]) if path in plan else False)

@@ -1,12 +1,15 @@
 """Flow-matching Euler sampler with the resolution-dependent ("dynamic") time shift of Qwen-Image.
 
-Sigmas start from ``linspace(1, 1/N, N)`` (as the pipeline passes them), are shifted by
-``mu`` interpolated between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), stretched so the
-last one equals ``shift_terminal``, and end with 0. The arithmetic is float32 like the reference's.
+The scheduler owns the schedule of a run (`Schedule`): sigmas start from ``linspace(1, 1/N, N)`` (as the pipeline
+passes them), are shifted by ``mu`` interpolated between (base_image_seq_len, base_shift) and (max_image_seq_len,
+max_shift), stretched so the last one equals ``shift_terminal``, and end with 0; a fixed ``sigmas`` list in the
+config replaces all of that. img2img starts part-way down (``strength``) from the picture mixed with the noise
+(`add_noise`). The arithmetic is float32 like the reference's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import mlx.core as mx
@@ -18,6 +21,7 @@ from .config import SchedulerConfig
 # shift of 3: mu = ln 3 at every resolution, no terminal stretch. Values as published in ModelTC/Qwen-Image-Lightning
 # (README and generate_with_diffusers.py, the scheduler_config passed to FlowMatchEulerDiscreteScheduler).
 LIGHTNING_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
     "num_train_timesteps": 1000,
     "shift": 1.0,
     "use_dynamic_shifting": True,
@@ -36,6 +40,32 @@ LIGHTNING_SCHEDULER_CONFIG = {
 LIGHTNING_STEPS = (4, 8)  # the step counts the Lightning LoRAs are published for; they run with CFG 1
 
 
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The noise levels one run steps through: ``sigmas[i] -> sigmas[i + 1]`` at step ``i`` (the last is 0)."""
+
+    sigmas: np.ndarray  # float32, (steps + 1,)
+    timesteps: np.ndarray  # float32, (steps,): what the transformer gets, diffusers' ``1000 * sigma / 1000``
+    scheduled_steps: int  # the full schedule's length, before img2img's start
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def start(self) -> int:
+        """The index of the first step that runs (img2img skips the first ones)."""
+        return self.scheduled_steps - self.steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """Steps that run for ``strength``: diffusers skips ``int(steps - steps * strength)`` of them."""
+    return steps - int(max(steps - min(steps * strength, steps), 0))
+
+
 class FlowMatchEulerScheduler:
     def __init__(self, config: SchedulerConfig | None = None):
         self.config = config or SchedulerConfig()
@@ -50,10 +80,17 @@ class FlowMatchEulerScheduler:
             raise ValueError(f"scheduler options not supported: {', '.join(unsupported)} (set them to false)")
         if c.time_shift_type not in ("exponential", "linear"):
             raise ValueError(f"unknown time_shift_type {c.time_shift_type!r}: expected 'exponential' or 'linear'")
+        if c.sigmas is not None and (not c.sigmas or not all(0 < s <= 1 for s in c.sigmas)):
+            raise ValueError(f"the scheduler's fixed sigmas must be a non-empty list in (0, 1], got {list(c.sigmas)}")
 
     @classmethod
     def from_config(cls, config: dict) -> "FlowMatchEulerScheduler":
         return cls(SchedulerConfig.from_dict(config))
+
+    @property
+    def fixed_steps(self) -> int | None:
+        """The step count of a fixed sigma grid, or None when any count works."""
+        return len(self.config.sigmas) if self.config.sigmas is not None else None
 
     def mu(self, image_seq_len: int) -> float:
         c = self.config
@@ -65,6 +102,10 @@ class FlowMatchEulerScheduler:
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         c = self.config
+        if c.sigmas is not None:
+            if steps != len(c.sigmas):
+                raise ValueError(f"this scheduler has a fixed {len(c.sigmas)}-step schedule; use steps={len(c.sigmas)}")
+            return np.append(np.asarray(c.sigmas, dtype=np.float32), np.float32(0.0))
         s = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
         if c.use_dynamic_shifting:
             mu = self.mu(image_seq_len)
@@ -84,12 +125,41 @@ class FlowMatchEulerScheduler:
         """diffusers' timesteps, ``1000 * sigma`` (the transformer itself takes sigma)."""
         return self.sigmas(steps, image_seq_len)[:-1] * np.float32(self.config.num_train_timesteps)
 
+    def schedule(self, steps: int, image_seq_len: int, strength: float | None = None) -> Schedule:
+        """The run's schedule; with ``strength`` (img2img) only its last ``img2img_steps`` steps."""
+        sigmas = self.sigmas(steps, image_seq_len)
+        if strength is not None:
+            if not 0 < strength <= 1:
+                raise ValueError(f"strength must be in (0, 1], got {strength}")
+            sigmas = sigmas[steps - img2img_steps(steps, strength):]
+        # The reference feeds timestep / 1000 (not sigma itself); equal up to float32 rounding.
+        timesteps = sigmas[:-1] * np.float32(self.config.num_train_timesteps) / np.float32(1000)
+        return Schedule(sigmas, timesteps.astype(np.float32), steps)
+
     @staticmethod
-    def step(latents: mx.array, velocity: mx.array, sigma: float, sigma_next: float) -> mx.array:
-        """One Euler step ``x + (sigma_next - sigma) * v`` in float32."""
+    def add_noise(picture: mx.array, noise: mx.array, schedule: Schedule) -> mx.array:
+        """The starting latents of img2img: the picture's latents mixed with the noise at the first sigma."""
+        s0 = mx.array(schedule.sigmas[0])  # float32, as the reference mixes
+        return s0 * noise + (1 - s0) * picture
+
+    @staticmethod
+    def step(latents: mx.array, velocity: mx.array, schedule: Schedule, i: int) -> mx.array:
+        """Euler step ``i``: ``x + (sigma_next - sigma) * v`` in float32."""
+        sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
         return latents.astype(mx.float32) + (sigma_next - sigma) * velocity.astype(mx.float32)
+
+
+SCHEDULERS = {"FlowMatchEulerDiscreteScheduler": FlowMatchEulerScheduler}
+
+
+def scheduler_from_config(config: dict) -> FlowMatchEulerScheduler:
+    """The scheduler a ``scheduler_config.json`` names (``_class_name``; absent means flow-match Euler)."""
+    name = config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler {name} is not supported (supported: {', '.join(SCHEDULERS)})")
+    return SCHEDULERS[name].from_config(config)
 
 
 def lightning_scheduler() -> FlowMatchEulerScheduler:
     """The sampler the Qwen-Image-Lightning LoRAs were distilled for (see ``LIGHTNING_SCHEDULER_CONFIG``)."""
-    return FlowMatchEulerScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG)
+    return scheduler_from_config(LIGHTNING_SCHEDULER_CONFIG)

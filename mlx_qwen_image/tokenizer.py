@@ -1,4 +1,4 @@
-"""Qwen2 tokenizer (byte-level BPE through the ``tokenizers`` library) and Qwen-Image's prompt templates.
+"""Qwen2 tokenizer (byte-level BPE through the ``tokenizers`` library); the prompt templates are in `variants`.
 
 Qwen2's tokenizer is a GPT-2 style byte-level BPE, not a sentencepiece model. A checkpoint ships either a
 ``tokenizer.json`` (used as is) or only ``vocab.json`` + ``merges.txt`` (the published Qwen-Image layout); for
@@ -21,16 +21,6 @@ PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-
-# The text-to-image chat template; the text encoder's features for the first 34 tokens (the system turn and
-# "<|im_start|>user\n") are dropped, the 5 closing tokens ("<|im_end|>\n<|im_start|>assistant\n") are kept.
-TEXT_TO_IMAGE_TEMPLATE = (
-    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
-    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
-    "<|im_start|>assistant\n"
-)
-TEXT_TO_IMAGE_DROP = 34
-TEMPLATE_SUFFIX_TOKENS = 5
 
 # Special-token fields of tokenizer_config.json; their values may be strings or AddedToken-like dicts.
 _SPECIAL_FIELDS = ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")

@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mlx_qwen_image.benchmarks.bench import main
+from mlx_qwen_image.benchmarks.flops import transformer_step_flops
+from mlx_qwen_image.benchmarks.report import load_references, reference_rows
+from mlx_qwen_image.cli import cli
+from mlx_qwen_image.config import TransformerConfig
+from mlx_qwen_image.models.transformer import QwenImageTransformer
 
-from benchmarks.bench import main  # noqa: E402
-from benchmarks.flops import transformer_step_flops  # noqa: E402
-from benchmarks.report import load_references, reference_rows  # noqa: E402
-from mlx_qwen_image.cli import cli  # noqa: E402
-from mlx_qwen_image.config import TransformerConfig  # noqa: E402
-from mlx_qwen_image.models.transformer import QwenImageTransformer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PHASES = ("text_encoder", "modulation_table", "step_cfg", "step_nocfg", "vae_decode")
 
@@ -103,3 +102,27 @@ def test_published_figures_and_their_page_agree():
     # 1024x1024 without CFG: 69.3 TFLOP per step in 11.9 s; at 10 TFLOPS this machine needs 6.9 s.
     assert mflux["implied_flops_per_s"][0] == pytest.approx(69.3e12 / 11.9, rel=2e-3)
     assert mflux["ours_seconds_per_step"] == [pytest.approx(6.93, rel=2e-3)]
+
+
+def test_benchmark_command_from_an_installed_wheel(tmp_path):
+    """`mlx-qwen-image benchmark` from a wheel installed away from the source checkout (no benchmarks/ folder)."""
+    import os
+    import subprocess
+
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(wheels), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = wheels.glob("mlx_qwen_image-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = ("import sys, mlx_qwen_image; print(mlx_qwen_image.__file__); "
+            "from mlx_qwen_image.cli import main; sys.argv = ['mlx-qwen-image'] + sys.argv[1:]; main()")
+    done = subprocess.run([sys.executable, "-c", code, "benchmark", "--tiny", "--trials", "1", "--no-vae"],
+                          cwd=work, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].startswith(str(site))  # the wheel's copy ran, not the checkout's
+    (result,) = (work / "benchmark-results").glob("*.json")
+    assert json.loads(result.read_text())["phases"]["step_cfg"]["seconds"] > 0

@@ -84,9 +84,10 @@ def _refused(result, message):
         (("--width", 50), "--width 50 is not a multiple of 16; use 48 or 64"),
         (("--height", 100), "--height 100 is not a multiple of 16; use 96 or 112"),
         (("--steps", 0), "--steps 0: at least 1 step is needed"),
-        (("--cfg-scale", 0.5), "--cfg-scale 0.5: must be at least 1"),
+        (("--cfg-scale", 0.5), "--cfg-scale 0.5: must be a number of at least 1"),
+        (("--cfg-scale", "nan"), "--cfg-scale nan: must be a number of at least 1"),
         (("--aspect", "16:9"), "do not combine it with --width/--height"),
-        (("--seed", -5), "--seed -5: must be in [0, 2**63)"),
+        (("--seed", -5), "--seed -5: must be in [0, 2**63 - --num-images)"),
     ],
 )
 def test_bad_arguments_are_refused(model, tmp_path, extra, message):
@@ -186,10 +187,9 @@ def edit_model(tmp_path_factory):
 
 
 def test_edit_command(edit_model, model, tmp_path, monkeypatch):
-    import mlx_qwen_image.edit as edit
+    from test_edit import small_registry
 
-    monkeypatch.setattr(edit, "VAE_AREA", 64 * 64)
-    monkeypatch.setattr(edit, "CONDITION_AREA", 56 * 56)
+    small_registry(monkeypatch)
     pictures = []
     for i, size in enumerate([(60, 40), (40, 50)]):
         pictures.append(tmp_path / f"p{i}.png")
@@ -202,10 +202,13 @@ def test_edit_command(edit_model, model, tmp_path, monkeypatch):
     assert image.size == (64, 64)  # the last picture's aspect at the (test-sized) 64x64 area
     assert image.text["images"] == f"{pictures[0]}, {pictures[1]}"
     _refused(run(*args, "--image", pictures[0], "--output", out), "already exists")
-    _refused(run(*args, *["--image", pictures[0]] * 4, "--output", tmp_path / "y.png"), "at most 3")
+    # The picture limit is the registry's, checked before loading.
+    _refused(run(*args, *["--image", pictures[0]] * 4, "--output", tmp_path / "y.png"),
+             "4 pictures given; this checkpoint (QwenImageEditPlusPipeline) takes at most 3")
     _refused(run(*args, "--image", tmp_path / "missing.png", "--output", tmp_path / "y.png"), "cannot read image")
     # The wrong kind of checkpoint for the command, both ways.
     _refused(run("edit", "x", "--image", pictures[0], "--model", model, "--output", tmp_path / "y.png"),
-             "text-to-image checkpoint")
-    _refused(generate(edit_model, tmp_path / "y.png"), "image-editing checkpoint")
+             "is a text-to-image checkpoint (QwenImagePipeline): use `mlx-qwen-image generate`")
+    _refused(generate(edit_model, tmp_path / "y.png"),
+             "is an image-editing checkpoint (QwenImageEditPlusPipeline): use `mlx-qwen-image edit --image FILE`")
     assert not (tmp_path / "y.png").exists()

@@ -19,6 +19,7 @@ from mlx_qwen_image.loading import CheckpointError
 from mlx_qwen_image.models.text_encoder import QwenTextEncoder
 from mlx_qwen_image.models.transformer import QwenImageTransformer
 from mlx_qwen_image.models.vae import QwenImageVAE
+from mlx_qwen_image.variants import VARIANTS
 from mlx_qwen_image.quantize import apply_plan, plan_from_config
 
 # Every linear width a multiple of 64, so that group-wise quantization really happens (the conftest model is
@@ -180,9 +181,11 @@ def test_per_layer_bits_load_from_the_config(source, tmp_path):
     assert type(layers["transformer_blocks.2.attn.to_q"]).__name__ == "Linear"
 
 
-def _lazy_outputs(component, cls, weights, bits):
-    """What the converter writes for these (lazy) weights: names -> lazy arrays, and the config it writes."""
-    job = Component(component, cls, RELEASED / component, shards=[(RELEASED / "manifest", weights)])
+def _lazy_outputs(component, cls, weights, bits, variant=VARIANTS["QwenImageEditPlusPipeline"]):
+    """What the converter writes for these (lazy) weights under ``variant``'s build options: names -> lazy
+    arrays, and the config it writes."""
+    job = Component(component, cls, RELEASED / component, shards=[(RELEASED / "manifest", weights)],
+                    build=variant.build_options(component))
     job.plan_for(bits, 64)
     out = {}
     for tensors in job.stream(job.take_weights(), mx.bfloat16):
@@ -215,6 +218,13 @@ def test_full_size_names_load_back_strictly(manifest, component, cls, key, bits)
         assert config["quantization"]["bits"] == bits
         assert out["proj_out.weight"].dtype == mx.bfloat16
     assert mx.get_active_memory() - before < 1e8
+
+
+def test_text_to_image_conversion_leaves_out_the_vision_tower(manifest):
+    weights = {name: mx.zeros(shape, dtype=mx.bfloat16) for name, shape in manifest["text_encoder_legacy"].items()}
+    out, config = _lazy_outputs("text_encoder", QwenTextEncoder, weights, None, VARIANTS["QwenImagePipeline"])
+    assert not any(k.startswith("visual.") for k in out) and any(k.startswith("visual.") for k in weights)
+    QwenTextEncoder.from_config(config, vision=False).load_weights(list(out.items()), strict=True)
 
 
 def test_overwrite_refused_and_first_output_still_loads(source, converted, noise):

@@ -1,19 +1,21 @@
 """Editing: our QwenImageEditPipeline against diffusers' QwenImageEditPlusPipeline / QwenImageEditPipeline."""
 
+import dataclasses
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import (RELEASED, TINY_TEXT_ENCODER, TINY_TRANSFORMER, TINY_VAE, build_tiny_checkpoint,
-                      randomize_, rel_err)
+from conftest import RELEASED, TINY_TEXT_ENCODER, TINY_TRANSFORMER, TINY_VAE, randomize_, rel_err
 from PIL import Image
 
 import mlx_qwen_image.edit as edit
 from mlx_qwen_image import QwenImagePipeline
+from mlx_qwen_image.conditioning import edit_pictures, output_size
 from mlx_qwen_image.edit import QwenImageEditPipeline
 from mlx_qwen_image.loading import CheckpointError
+from mlx_qwen_image.variants import VARIANTS
 
 IMAGE_PAD = 151655
 
@@ -88,6 +90,14 @@ def _pictures():
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((70, 100), (90, 60))]
 
 
+def small_registry(monkeypatch):
+    """Our editing variants with pictures at 64x64-ish for the VAE and 56x56-ish for the vision tower."""
+    for name, v in VARIANTS.items():
+        if v.edits:
+            small = dict(reference_area=64 * 64) | ({"condition_area": 56 * 56} if v.condition_area else {})
+            monkeypatch.setitem(VARIANTS, name, dataclasses.replace(v, **small))
+
+
 @pytest.fixture
 def small_areas(monkeypatch):
     """Pictures at 64x64-ish for the VAE and 56x56-ish for the vision tower, on both sides, so tests are fast."""
@@ -98,8 +108,7 @@ def small_areas(monkeypatch):
     monkeypatch.setattr(ref_plus, "CONDITION_IMAGE_SIZE", 56 * 56)
     original = ref_edit.calculate_dimensions
     monkeypatch.setattr(ref_edit, "calculate_dimensions", lambda area, ratio: original(64 * 64, ratio))
-    monkeypatch.setattr(edit, "VAE_AREA", 64 * 64)
-    monkeypatch.setattr(edit, "CONDITION_AREA", 56 * 56)
+    small_registry(monkeypatch)
 
 
 def _reference(pipe, images, prompt, latents, width, height, steps, cfg_scale):
@@ -112,63 +121,71 @@ def _reference(pipe, images, prompt, latents, width, height, steps, cfg_scale):
 @pytest.mark.parametrize("key", ["plus", "2511"])
 def test_edit_plus_equals_diffusers(checkpoints, small_areas, key):
     folder, reference = checkpoints[key]
-    ours = QwenImageEditPipeline.from_pretrained(folder, dtype="float32")
-    assert ours.variant == edit.PLUS_CLASS and ours.transformer.config.zero_cond_t == (key == "2511")
+    # The single entry point and the single verb: generate(images=[...]) on an editing checkpoint.
+    ours = QwenImagePipeline.from_pretrained(folder, dtype="float32")
+    assert ours.variant.class_name == edit.PLUS_CLASS and ours.transformer.config.zero_cond_t == (key == "2511")
     width, height, steps = 64, 48, 3
     latents = np.random.default_rng(1).standard_normal((1, (height // 16) * (width // 16), 16)).astype(np.float32)
     pictures = _pictures()
     expected = _reference(reference, pictures, "put the cat on the sofa", latents, width, height, steps, 4.0)
-    got = ours.edit("put the cat on the sofa", pictures, width=width, height=height, steps=steps, cfg_scale=4.0,
-                    latents=latents, output="np")
+    got = ours.generate("put the cat on the sofa", images=pictures, width=width, height=height, steps=steps,
+                        cfg_scale=4.0, latents=latents, output="np")
     assert got.shape == expected[0].shape == (height, width, 3)
     assert rel_err(got - 0.5, expected[0] - 0.5) < 1e-3
     # The reference pictures matter: dropping the second one changes the result.
-    other = ours.edit("put the cat on the sofa", pictures[:1], width=width, height=height, steps=steps,
-                      cfg_scale=4.0, latents=latents, output="np")
+    other = ours.generate("put the cat on the sofa", images=pictures[:1], width=width, height=height, steps=steps,
+                          cfg_scale=4.0, latents=latents, output="np")
     assert rel_err(other - 0.5, expected[0] - 0.5) > 1e-2
+    # The alias gives the same arrays.
+    alias = QwenImageEditPipeline.from_pretrained(folder, dtype="float32")
+    np.testing.assert_array_equal(alias.edit("put the cat on the sofa", pictures, width=width, height=height,
+                                             steps=steps, cfg_scale=4.0, latents=latents, output="np"), got)
 
 
 def test_original_edit_equals_diffusers(checkpoints, small_areas):
     folder, reference = checkpoints["edit"]
-    ours = QwenImageEditPipeline.from_pretrained(folder, dtype="float32")
+    ours = QwenImagePipeline.from_pretrained(folder, dtype="float32")
     picture = _pictures()[0]
     latents = np.random.default_rng(2).standard_normal((1, 12, 16)).astype(np.float32)
     expected = _reference(reference, picture, "make it night", latents, 64, 48, 3, 2.5)
-    got = ours.edit("make it night", [picture], width=64, height=48, steps=3, cfg_scale=2.5, latents=latents,
-                    output="np")
+    got = ours.generate("make it night", images=[picture], width=64, height=48, steps=3, cfg_scale=2.5,
+                        latents=latents, output="np")
     assert rel_err(got - 0.5, expected[0] - 0.5) < 1e-3
 
 
 def test_prompt_embeddings_equal_diffusers(checkpoints, small_areas):
     folder, reference = checkpoints["plus"]
-    ours = QwenImageEditPipeline.from_pretrained(folder, dtype="float32")
-    condition, _, _, _ = ours.prepare_images(_pictures())
+    ours = QwenImagePipeline.from_pretrained(folder, dtype="float32")
+    condition, _ = edit_pictures(ours.variant, _pictures())
     with torch.no_grad():
         expected, expected_mask = reference.encode_prompt(prompt="swap the two", image=condition)
-    embeds, mask = ours.encode_prompt("swap the two", condition)
+    embeds, mask = ours.encode_prompt("swap the two", images=_pictures())
     assert expected_mask is None and bool(np.array(mask).all())
     assert rel_err(np.array(embeds), expected.numpy()) < 1e-4
 
 
-def test_default_size_follows_the_last_picture(checkpoints):
-    ours = QwenImageEditPipeline.from_pretrained(checkpoints["plus"][0], dtype="float32")
-    _, vae_images, width, height = ours.prepare_images(_pictures())
-    assert (width, height) == (832, 1248)  # the 60x90 picture's aspect at about 1024x1024, sides / 32
+def test_default_size_follows_the_last_picture():
+    variant = VARIANTS[edit.PLUS_CLASS]
+    _, vae_images = edit_pictures(variant, _pictures())
+    # the 60x90 picture's aspect at about 1024x1024, sides / 32
+    assert output_size(variant, None, None, images=_pictures()) == (832, 1248)
     assert [i.size for i in vae_images] == [(1216, 864), (832, 1248)]
 
 
 def test_bad_edit_inputs(checkpoints, tiny_checkpoint, tmp_path):
-    ours = QwenImageEditPipeline.from_pretrained(checkpoints["edit"][0], dtype="float32")
-    with pytest.raises(ValueError, match="at most 1 image"):
-        ours.edit("x", _pictures())
+    ours = QwenImagePipeline.from_pretrained(checkpoints["edit"][0], dtype="float32")
+    with pytest.raises(ValueError, match=r"\(QwenImageEditPipeline\) takes at most 1 picture"):
+        ours.generate("x", images=_pictures())
+    with pytest.raises(ValueError, match="at least one picture"):
+        ours.generate("x", images=[])
     with pytest.raises(ValueError, match="cannot read image"):
         ours.edit("x", [tmp_path / "missing.png"])
     (tmp_path / "junk.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read image"):
         ours.edit("x", [tmp_path / "junk.png"])
-    with pytest.raises(ValueError, match="image-editing checkpoint"):
+    with pytest.raises(ValueError, match=r"edits pictures: pass images=\[...\]"):
         ours.generate("x")
+    with pytest.raises(ValueError, match="does not do img2img; it does image editing"):
+        ours.generate("x", image=_pictures()[0])
     with pytest.raises(CheckpointError, match="text-to-image checkpoint"):
         QwenImageEditPipeline.from_pretrained(tiny_checkpoint[0])
-    with pytest.raises(CheckpointError, match="image-editing checkpoint"):
-        QwenImagePipeline.from_pretrained(checkpoints["plus"][0])

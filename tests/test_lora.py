@@ -295,3 +295,50 @@ def test_lightning_sigmas_equal_diffusers(steps, width, height):
     s = np.linspace(1, 1 / steps, steps)
     np.testing.assert_allclose(sigmas[:-1], 3 * s / (1 + 2 * s), atol=1e-6)
     assert isinstance(ours, FlowMatchEulerScheduler) and sigmas[-1] == 0
+
+
+@pytest.mark.parametrize("how", ["from_pretrained", "load_lora", "fused directly"])
+def test_a_lora_on_the_timestep_path_survives_low_memory_runs(tiny_checkpoint, tmp_path, how):
+    """A LoRA on img_mod/txt_mod: two low-memory runs both equal diffusers with that LoRA, whichever way it was
+    applied; the freed weights come back with the LoRA when the pipeline applied it, and are never freed when the
+    model was changed behind the pipeline's back."""
+    from diffusers import QwenImagePipeline as Reference
+
+    from mlx_qwen_image import QwenImagePipeline
+    from mlx_qwen_image.conditioning import StepHook
+
+    folder, reference = tiny_checkpoint
+    lora = _save_peft_lora(reference.transformer, tmp_path, 5, r=2, lora_alpha=2,
+                           target_modules=["img_mod.1", "txt_mod.1", "to_q"])
+    ref = Reference(**{**reference.components, "transformer": copy.deepcopy(reference.transformer)})
+    ref.load_lora_weights(str(lora), adapter_name="l")
+    width, height, steps = 32, 48, 2
+    latents = np.random.default_rng(6).standard_normal((1, (height // 16) * (width // 16), 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(prompt="a lamp", negative_prompt=" ", true_cfg_scale=2.0, width=width, height=height,
+                       num_inference_steps=steps, latents=torch.from_numpy(latents), output_type="np").images[0]
+        plain = reference(prompt="a lamp", negative_prompt=" ", true_cfg_scale=2.0, width=width, height=height,
+                          num_inference_steps=steps, latents=torch.from_numpy(latents), output_type="np").images[0]
+
+    if how == "from_pretrained":
+        ours = QwenImagePipeline.from_pretrained(folder, dtype="float32", loras=[(lora, 1.0)])
+    else:
+        ours = QwenImagePipeline.from_pretrained(folder, dtype="float32")
+        if how == "load_lora":
+            ours.load_lora(lora)
+        else:
+            apply_lora(ours.transformer, [(lora, 1.0)])
+
+    class Watch(StepHook):
+        def predict(self, step, sigma, compute):
+            self.dropped = ours.transformer.modulation_weights_dropped
+            return compute()
+
+    for _ in range(2):
+        watch = Watch()
+        got = ours.generate("a lamp", width=width, height=height, steps=steps, cfg_scale=2.0, latents=latents,
+                            output="np", low_memory=True, hooks=[watch])
+        assert rel_err(got - 0.5, expected - 0.5) < 1e-3
+        assert watch.dropped == (how != "fused directly")
+        assert not ours.transformer.modulation_weights_dropped
+    assert rel_err(plain - 0.5, expected - 0.5) > 1e-2  # the LoRA matters

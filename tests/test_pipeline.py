@@ -109,12 +109,13 @@ def test_seeds_and_low_memory(pipes):
         ours.low_memory = False
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1e-3 and np.abs(a - d).max() > 1e-3
-    np.testing.assert_array_equal(d, ours.generate("another prompt", width=32, height=32, steps=2, seed=7,
-                                                   output="np"))
-    assert set(ours.stats) == {"text_encoder", "denoise", "decode"}
-    # The last run reused the cached prompt features: its text phase allocated nothing.
-    assert ours.stats["text_encoder"]["peak_memory"] == 0
-    assert ours.stats["denoise"]["peak_memory"] > 0 and ours.stats["decode"]["peak_memory"] > 0
+    run = ours.denoise("another prompt", width=32, height=32, steps=2, seed=7)
+    np.testing.assert_array_equal(d, run.complete("np")[0])
+    assert set(run.stats) == {"conditioning", "modulation_table", "steps", "denoise", "decode"}
+    assert len(run.stats["steps"]) == 2 and not hasattr(ours, "stats")  # the run's own stats, not the pipeline's
+    # The last run reused the cached prompt features: its conditioning phase allocated nothing.
+    assert run.stats["conditioning"]["peak_memory"] == 0
+    assert run.stats["denoise"]["peak_memory"] > 0 and run.stats["decode"]["peak_memory"] > 0
 
 
 def test_pil_output(pipes):
@@ -129,7 +130,10 @@ def test_pil_output(pipes):
         (dict(width=100), "multiple of 16; use 96 or 112"),
         (dict(height=8), "multiple of 16; use 16"),
         (dict(steps=0), "steps must be at least 1"),
-        (dict(cfg_scale=0.5), "cfg_scale must be at least 1"),
+        (dict(cfg_scale=0.5), "cfg_scale must be a number of at least 1"),
+        (dict(cfg_scale=float("nan")), "cfg_scale must be a number of at least 1"),
+        (dict(images=["a.png"]), r"takes no edit pictures; it does text-to-image and img2img"),
+        (dict(prompt=[]), "non-empty list of strings"),
         (dict(latents=np.zeros((1, 3, 16), np.float32)), "latents have shape"),
         (dict(output="jpeg"), "output must be"),
         (dict(seed=-1), "seed must be in"),
@@ -137,9 +141,9 @@ def test_pil_output(pipes):
 )
 def test_bad_requests_are_refused(pipes, kwargs, message):
     ours, _ = pipes
-    args = dict(width=32, height=32, steps=1, cfg_scale=1.0) | kwargs
+    args = dict(prompt="x", width=32, height=32, steps=1, cfg_scale=1.0) | kwargs
     with pytest.raises(ValueError, match=message):
-        ours.generate("x", **args)
+        ours.generate(**args)
 
 
 def test_missing_and_damaged_checkpoints(tiny_checkpoint, tmp_path):
@@ -206,18 +210,21 @@ def test_img2img_equals_diffusers(pipes, monkeypatch, strength, steps, cfg_scale
 def test_img2img_default_size_progress_and_bad_strength(pipes):
     from PIL import Image
 
-    from mlx_qwen_image.pipeline import output_size
+    from mlx_qwen_image.conditioning import output_size
 
     ours, _ = pipes
     image = Image.new("RGB", (300, 200), (200, 30, 30))
-    assert output_size(None, None, image) == (1248, 832)  # the picture's aspect at ~1024x1024, sides / 32
-    assert output_size(64, None, image) == (64, 832) and output_size(None, None) == (1024, 1024)
+    v = ours.variant
+    assert output_size(v, None, None, image) == (1248, 832)  # the picture's aspect at ~1024x1024, sides / 32
+    assert output_size(v, 64, None, image) == (64, 832) and output_size(v, None, None) == (1024, 1024)
     calls = []
     ours.generate("x", image=image, width=32, height=32, steps=4, strength=0.5, cfg_scale=1.0, output="np",
                   progress=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 2), (2, 2)]
     with pytest.raises(ValueError, match="strength must be in"):
         ours.generate("x", image=image, strength=0, steps=2)
+    with pytest.raises(ValueError, match="strength applies to img2img only"):
+        ours.generate("x", strength=0.5, steps=2)
 
 
 def test_low_memory_frees_the_timestep_weights_during_the_loop(pipes):
@@ -239,3 +246,87 @@ def test_low_memory_frees_the_timestep_weights_during_the_loop(pipes):
         ours.low_memory = False
     again = ours.generate("x", width=32, height=32, steps=3, cfg_scale=2.0, seed=1, output="np")
     np.testing.assert_array_equal(ours.decode(last, 32, 32, output="np")[0], again)
+
+
+def test_two_threads_give_the_arrays_of_two_sequential_runs(pipes):
+    import threading
+
+    ours, _ = pipes
+    requests = {"a": ("a lighthouse at dusk", 11), "b": ("两只猫在屋顶上", 12)}
+    args = dict(width=48, height=32, steps=2, cfg_scale=2.0, output="np")
+    sequential = {k: ours.generate(p, seed=s, **args) for k, (p, s) in requests.items()}
+    ours.prompt_cache.clear()  # the threads encode their prompts themselves
+    got, errors = {}, []
+
+    def worker(key):
+        try:
+            prompt, seed = requests[key]
+            got[key] = ours.generate(prompt, seed=seed, **args)
+        except BaseException as e:  # reported below; a thread's exception would otherwise vanish
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for key in requests:
+        np.testing.assert_array_equal(got[key], sequential[key])
+    assert np.abs(got["a"] - got["b"]).max() > 1e-3
+
+
+def test_step_hooks_see_every_step_and_can_change_the_latents(pipes):
+    from mlx_qwen_image.conditioning import StepHook
+
+    ours, _ = pipes
+
+    class Recorder(StepHook):
+        def __init__(self):
+            self.predicted, self.after = [], []
+
+        def predict(self, step, sigma, compute):
+            self.predicted.append((step, sigma))
+            return compute()
+
+        def after_step(self, step, latents, sigma_next):
+            self.after.append((step, sigma_next))
+            return latents * 0 if step == 2 else latents  # as a blend that overwrites everything would
+
+    hook = Recorder()
+    run = ours.denoise("hooked", width=32, height=32, steps=3, cfg_scale=1.0, seed=3, hooks=[hook])
+    latents = list(run)
+    sigmas = run.schedule.sigmas
+    assert hook.predicted == [(i, pytest.approx(float(sigmas[i]))) for i in range(3)]
+    assert hook.after == [(i, pytest.approx(float(sigmas[i + 1]))) for i in range(3)]
+    assert float(mx.abs(latents[1]).max()) > 0 and float(mx.abs(latents[2]).max()) == 0
+    # A hook that does nothing changes nothing.
+    plain = ours.generate("hooked", width=32, height=32, steps=3, cfg_scale=1.0, seed=3, output="np")
+    again = ours.generate("hooked", width=32, height=32, steps=3, cfg_scale=1.0, seed=3, output="np",
+                          hooks=[StepHook()])
+    np.testing.assert_array_equal(plain, again)
+
+
+def test_a_closed_run_frees_the_pipeline(pipes):
+    ours, _ = pipes
+    run = ours.denoise("x", width=32, height=32, steps=3, cfg_scale=1.0, seed=1)
+    next(run)
+    run.close()
+    with pytest.raises(RuntimeError, match="closed after 1 of 3 steps"):
+        run.complete("np")
+    assert ours._lock.acquire(blocking=False)  # nobody holds it
+    ours._lock.release()
+
+
+def test_the_schedule_comes_from_the_scheduler_config(tiny_checkpoint):
+    from mlx_qwen_image.scheduler import LIGHTNING_SCHEDULER_CONFIG, lightning_scheduler
+
+    folder, _ = tiny_checkpoint
+    lightning = QwenImagePipeline.from_pretrained(folder, dtype="float32", scheduler_config=LIGHTNING_SCHEDULER_CONFIG)
+    run = lightning.denoise("x", width=64, height=32, steps=4, cfg_scale=1.0)
+    np.testing.assert_array_equal(run.schedule.sigmas, lightning_scheduler().sigmas(4, 8))
+    fixed = QwenImagePipeline.from_pretrained(folder, dtype="float32",
+                                              scheduler_config={**LIGHTNING_SCHEDULER_CONFIG, "sigmas": [1.0, 0.5]})
+    run = fixed.denoise("x", width=32, height=32, cfg_scale=1.0)  # a fixed grid sets the default step count
+    assert run.total == 2 and run.schedule.sigmas.tolist() == [1.0, 0.5, 0.0]
+    assert run.complete("np")[0].shape == (32, 32, 3)

@@ -59,3 +59,35 @@ def test_refuses_bad_input():
         FlowMatchEulerScheduler.from_config(CONFIG).sigmas(0, 4096)
     with pytest.raises(ValueError, match="use_karras_sigmas"):
         FlowMatchEulerScheduler.from_config({**CONFIG, "use_karras_sigmas": True})
+
+
+def test_img2img_schedule_starts_where_diffusers_does():
+    from mlx_qwen_image.scheduler import img2img_steps
+
+    ours = FlowMatchEulerScheduler.from_config(CONFIG)
+    full = ours.schedule(10, 64)
+    for strength in (0.3, 0.6, 1.0):
+        s = ours.schedule(10, 64, strength)
+        assert s.steps == img2img_steps(10, strength) and s.start == 10 - s.steps
+        np.testing.assert_array_equal(s.sigmas, full.sigmas[s.start:])
+    with pytest.raises(ValueError, match="strength must be in"):
+        ours.schedule(10, 64, 0)
+    import mlx.core as mx
+
+    picture, noise = mx.ones((1, 4, 2)), mx.zeros((1, 4, 2))
+    s = ours.schedule(10, 64, 0.5)
+    assert float(ours.add_noise(picture, noise, s)[0, 0, 0]) == pytest.approx(1 - float(s.sigmas[0]))
+
+
+def test_fixed_sigmas_from_the_config_and_the_class_name():
+    from mlx_qwen_image.scheduler import scheduler_from_config
+
+    fixed = scheduler_from_config({**CONFIG, "sigmas": [1.0, 0.75, 0.5, 0.25]})
+    assert fixed.fixed_steps == 4
+    np.testing.assert_allclose(fixed.schedule(4, 4096).sigmas, [1.0, 0.75, 0.5, 0.25, 0.0])  # whatever the size
+    np.testing.assert_allclose(fixed.schedule(4, 64).sigmas, [1.0, 0.75, 0.5, 0.25, 0.0])
+    with pytest.raises(ValueError, match="fixed 4-step schedule; use steps=4"):
+        fixed.schedule(8, 64)
+    with pytest.raises(ValueError, match="scheduler DPMSolverMultistepScheduler is not supported"):
+        scheduler_from_config({"_class_name": "DPMSolverMultistepScheduler"})
+    assert scheduler_from_config(CONFIG).fixed_steps is None

@@ -14,7 +14,10 @@ from conftest import RELEASED, randomize_, rel_err
 from mlx_qwen_image.config import TextEncoderConfig
 from mlx_qwen_image.models.text_encoder import QwenTextEncoder
 from mlx_qwen_image.pipeline import QwenImagePipeline
-from mlx_qwen_image.tokenizer import TEXT_TO_IMAGE_DROP, TEXT_TO_IMAGE_TEMPLATE, QwenTokenizer
+from mlx_qwen_image.tokenizer import QwenTokenizer
+from mlx_qwen_image.variants import DEFAULT_TEXT_TO_IMAGE, TEXT_TO_IMAGE_TEMPLATE
+
+TEXT_TO_IMAGE_DROP = DEFAULT_TEXT_TO_IMAGE.drop
 
 TOKENIZER = RELEASED / "tokenizer"
 

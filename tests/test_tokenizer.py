@@ -6,13 +6,10 @@ import shutil
 import pytest
 from conftest import RELEASED
 
-from mlx_qwen_image.tokenizer import (
-    PRETOKENIZE_REGEX,
-    TEMPLATE_SUFFIX_TOKENS,
-    TEXT_TO_IMAGE_DROP,
-    TEXT_TO_IMAGE_TEMPLATE,
-    QwenTokenizer,
-)
+from mlx_qwen_image.tokenizer import PRETOKENIZE_REGEX, QwenTokenizer
+from mlx_qwen_image.variants import DEFAULT_TEXT_TO_IMAGE, TEMPLATE_SUFFIX_TOKENS, TEXT_TO_IMAGE_TEMPLATE
+
+TEXT_TO_IMAGE_DROP = DEFAULT_TEXT_TO_IMAGE.drop
 
 TOKENIZER = RELEASED / "tokenizer"
 

@@ -3,8 +3,11 @@ freed while they are in use (`QwenImageTransformer.modulation_table` / `restore_
 
 from __future__ import annotations
 
+import weakref
+
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 
 class ModulationTable:
@@ -83,6 +86,30 @@ class DroppedLinear(nn.Module):
         if self.bits and "scales" not in weights:  # quantized on load: quantize the float weights again
             layer = nn.QuantizedLinear.from_linear(layer, self.group_size, self.bits, **mode)
         return layer
+
+
+class WeightMarks:
+    """Weak references to some layers' parameter arrays, taken when they equal the checkpoint's.
+
+    Any change to such a layer (a LoRA fused into it, ``load_weights``, a wrapper) replaces its arrays, so the
+    references no longer point at the layer's arrays: `match` tells whether the layers are still as marked.
+    """
+
+    def __init__(self, model: nn.Module, paths: list[str]):
+        self.refs = {}
+        for path in paths:
+            layer = get_module(model, path)
+            self.refs[path] = (type(layer), {k: weakref.ref(v) for k, v in tree_flatten(layer.parameters())})
+
+    def match(self, model: nn.Module) -> bool:
+        for path, (kind, refs) in self.refs.items():
+            layer = get_module(model, path)
+            if type(layer) is not kind:
+                return False
+            arrays = dict(tree_flatten(layer.parameters()))
+            if arrays.keys() != refs.keys() or any(refs[k]() is not v for k, v in arrays.items()):
+                return False
+        return True
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import TransformerConfig
-from .modulation import DroppedLinear, ModulationTable, get_module, set_module
+from .modulation import DroppedLinear, ModulationTable, WeightMarks, get_module, set_module
 from .rope import RopeCache, apply_rope
 
 EPS = 1e-6
@@ -210,6 +210,7 @@ class QwenImageTransformer(nn.Module):
         self.proj_out = nn.Linear(dim, config.patch_size**2 * config.out_channels)
         self.rope_cache = RopeCache(config.axes_dims_rope, config.rope_theta)
         self._masks = _MaskMemo()
+        self._timestep_marks: WeightMarks | None = None
 
     @classmethod
     def from_config(cls, config: dict) -> "QwenImageTransformer":
@@ -276,6 +277,17 @@ class QwenImageTransformer(nn.Module):
             paths += [f"transformer_blocks.{i}.img_mod.1", f"transformer_blocks.{i}.txt_mod.1"]
         return paths + ["norm_out.linear"]
 
+    def mark_timestep_path(self):
+        """Record that the timestep-path layers now hold weights their source can give again (the loader calls
+        this after a load, the pipeline after fusing its own LoRAs); any later change to them voids the mark."""
+        self._timestep_marks = WeightMarks(self, self.modulation_layer_paths())
+
+    @property
+    def timestep_path_marked(self) -> bool:
+        """True while every timestep-path layer is exactly as last marked, so dropping and reloading it is safe."""
+        return self._timestep_marks is not None and not self.modulation_weights_dropped and \
+            self._timestep_marks.match(self)
+
     @property
     def modulation_weights_dropped(self) -> bool:
         return any(isinstance(m, DroppedLinear) for _, m in self.named_modules())
@@ -295,6 +307,7 @@ class QwenImageTransformer(nn.Module):
                 prefix = path + "."
                 own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
                 set_module(self, path, layer.rebuild(own))
+        self.mark_timestep_path()
 
     def __call__(
         self,
