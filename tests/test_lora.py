@@ -342,3 +342,17 @@ def test_a_lora_on_the_timestep_path_survives_low_memory_runs(tiny_checkpoint, t
         assert watch.dropped == (how != "fused directly")
         assert not ours.transformer.modulation_weights_dropped
     assert rel_err(plain - 0.5, expected - 0.5) > 1e-2  # the LoRA matters
+
+
+def test_a_lora_beside_quantized_timestep_layers_keeps_them_in_memory(tiny_checkpoint, tmp_path):
+    from mlx_qwen_image import QwenImagePipeline
+
+    folder, reference = tiny_checkpoint
+    lora = _save_peft_lora(reference.transformer, tmp_path, 7, r=2, lora_alpha=2, target_modules=["img_mod.1"])
+    pipe = QwenImagePipeline.from_pretrained(folder, dtype="float32", quantize=8)
+    pipe.load_lora(lora)  # quantized layers: the LoRA runs beside them, which a reload from disk would lose
+    assert isinstance(pipe.transformer.transformer_blocks[0].img_mod[1], LoRALinear)
+    assert not pipe.transformer.timestep_path_marked
+    args = dict(width=32, height=32, steps=2, cfg_scale=2.0, seed=4, output="np")
+    np.testing.assert_array_equal(pipe.generate("a lamp", low_memory=True, **args),
+                                  pipe.generate("a lamp", low_memory=False, **args))

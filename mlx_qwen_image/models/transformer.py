@@ -279,8 +279,11 @@ class QwenImageTransformer(nn.Module):
 
     def mark_timestep_path(self):
         """Record that the timestep-path layers now hold weights their source can give again (the loader calls
-        this after a load, the pipeline after fusing its own LoRAs); any later change to them voids the mark."""
-        self._timestep_marks = WeightMarks(self, self.modulation_layer_paths())
+        this after a load, the pipeline after fusing its own LoRAs); any later change to them voids the mark.
+        Layers that are not plain or quantized linears (a LoRA beside a quantized layer) are never marked."""
+        paths = self.modulation_layer_paths()
+        plain = all(type(get_module(self, p)) in (nn.Linear, nn.QuantizedLinear) for p in paths)
+        self._timestep_marks = WeightMarks(self, paths) if plain else None
 
     @property
     def timestep_path_marked(self) -> bool:
