@@ -74,6 +74,8 @@ class OwnerThread:
                 continue
             try:
                 future.set_result(fn(*args, **kwargs))
+            except RuntimeError as e:
+                future.set_exception(_explained(e))
             except BaseException as e:  # handed to the caller, who re-raises it
                 future.set_exception(e)
             del job, future, fn, args, kwargs
@@ -86,6 +88,13 @@ class OwnerThread:
         if thread is not None and thread.is_alive() and not self.is_current:
             self._queue.put(None)
             thread.join(timeout)
+
+
+def _explained(error: RuntimeError) -> RuntimeError:
+    if "in current thread" not in str(error):
+        return error
+    return RuntimeError(f"{error} A model of this pipeline holds an array made lazily in another thread; evaluate it "
+                        "there first (mx.eval(model.parameters())), or change models through the pipeline")
 
 
 OWNER = OwnerThread()

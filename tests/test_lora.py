@@ -352,6 +352,9 @@ def test_a_lora_beside_quantized_timestep_layers_keeps_them_in_memory(tiny_check
     pipe = QwenImagePipeline.from_pretrained(folder, dtype="float32")
     # The tiny layers are too narrow for the recipe's group size: quantize img_mod as a converted checkpoint would.
     nn.quantize(pipe.transformer, group_size=32, bits=8, class_predicate=lambda path, _: path.endswith("img_mod.1"))
+    with pytest.raises(RuntimeError, match="holds an array made lazily in another thread; evaluate it there first"):
+        pipe.generate("a lamp", width=32, height=32, steps=1)
+    mx.eval(pipe.transformer.parameters())  # made in this thread: evaluated here, before the owner thread uses it
     pipe.transformer.mark_timestep_path()
     assert pipe.transformer.timestep_path_marked
     pipe.load_lora(lora)  # quantized layers: the LoRA runs beside them, which a reload from disk would lose
