@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from .config import _known_fields, read_json
+from .config import ConfigError, _known_fields, naming, read_json, validate
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -75,18 +75,31 @@ class QwenImageProcessor:
         fields = _known_fields(cls, config)
         # Newer transformers write the bounds as size={shortest_edge, longest_edge}; min/max_pixels win.
         size = config.get("size") or {}
+        if not isinstance(size, dict):
+            raise ConfigError(f"size must be an object, got {size!r}")
         fields.setdefault("min_pixels", size.get("shortest_edge", cls.min_pixels))
         fields.setdefault("max_pixels", size.get("longest_edge", cls.max_pixels))
         for name in ("image_mean", "image_std"):
-            if name in fields:
+            if isinstance(fields.get(name), list):
                 fields[name] = tuple(fields[name])
-        return cls(**fields)
+        processor = cls(**fields)
+        validate(processor)
+        return processor
+
+    _MIN = {"resample": 0, "image_mean": None, "image_std": 1e-12, "rescale_factor": 1e-12}
+
+    def _check(self):
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ConfigError("image_mean and image_std need three values (R, G, B)")
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(f"min_pixels {self.min_pixels} is above max_pixels {self.max_pixels}")
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "QwenImageProcessor":
-        """From a checkpoint's ``processor/`` folder; released defaults when it has no preprocessor config."""
+        """From a checkpoint's ``processor/preprocessor_config.json``."""
         path = Path(folder) / "preprocessor_config.json"
-        return cls.from_dict(read_json(path)) if path.is_file() else cls()
+        with naming(path):
+            return cls.from_dict(read_json(path))
 
     @property
     def factor(self) -> int:

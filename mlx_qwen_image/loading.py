@@ -9,19 +9,23 @@ arrays are evaluated. Only safetensors are read.
 from __future__ import annotations
 
 import json
+import math
 import re
+import struct
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
-from .config import read_json
+from .config import CheckpointError, ConfigError, naming, read_json
 from .quantize import apply_plan, plan_from_config, quantize_transformer
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class CheckpointError(ValueError):
-    """A model folder or file that cannot be used; the message says what is wrong and what to do."""
+# safetensors dtypes and their sizes in bytes
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_MAX_HEADER = 100 * 2**20  # real headers are a few MB at most
+_SHOW = 4
 
 
 def local_folder(path: str | Path) -> Path:
@@ -73,7 +77,7 @@ def check_layout(root: Path, components) -> None:
             if not (folder / "scheduler_config.json").is_file():
                 missing.append("scheduler/scheduler_config.json")
         elif c == "processor":
-            if not list(folder.glob("*.json")):
+            if not (folder / "preprocessor_config.json").is_file():
                 missing.append("processor/preprocessor_config.json")
         else:
             if not (folder / "config.json").is_file():
@@ -88,9 +92,10 @@ def shard_files(folder: Path) -> list[Path]:
     """The safetensors shards of a component, as its index lists them when it has one."""
     indexes = list(folder.glob("*.safetensors.index.json"))
     if indexes:
-        with open(indexes[0], encoding="utf-8") as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        files = [folder / n for n in names]
+        weight_map = read_json(indexes[0]).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{indexes[0]} has no valid weight_map; download or convert the checkpoint again")
+        files = [folder / n for n in sorted(set(weight_map.values()))]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
             raise CheckpointError(f"{folder}: shards listed in {indexes[0].name} are missing: {', '.join(absent)}")
@@ -110,8 +115,44 @@ def lazy_weights(folder: Path) -> dict[str, mx.array]:
     return weights
 
 
+def check_safetensors(file: Path) -> dict:
+    """The header of a safetensors file, read defensively: its length, its JSON, every tensor's dtype, shape and
+    byte range inside the file. Anything wrong is a `CheckpointError` naming the file and the problem."""
+    damaged = f"(the file is damaged or incomplete: download or convert it again)"
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{file} is {size} bytes, too short for a safetensors file {damaged}")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(size - 8, _MAX_HEADER):
+                raise CheckpointError(f"{file}: its header claims {length} bytes in a {size}-byte file {damaged}")
+            header = json.loads(f.read(length))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {file}: {getattr(e, 'strerror', None) or e} {damaged}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: its header is not a JSON object {damaged}")
+    data = size - 8 - length
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = isinstance(info, dict) and info.get("dtype") in _DTYPE_BYTES and isinstance(info.get("shape"), list) \
+            and all(isinstance(d, int) and d >= 0 for d in info["shape"]) \
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2 \
+            and all(isinstance(o, int) for o in info["data_offsets"])
+        if not ok:
+            raise CheckpointError(f"{file}: tensor {name} has an invalid entry in the header {damaged}")
+        begin, end = info["data_offsets"]
+        if not 0 <= begin <= end <= data or end - begin != math.prod(info["shape"]) * _DTYPE_BYTES[info["dtype"]]:
+            raise CheckpointError(f"{file}: tensor {name} ({info['dtype']} {info['shape']}) lies outside the file "
+                                  f"or has the wrong size {damaged}")
+    return header
+
+
 def load_shard(file: Path) -> dict[str, mx.array]:
-    """One safetensors file as lazy arrays; a damaged file is a `CheckpointError` naming it."""
+    """One safetensors file as lazy arrays, after `check_safetensors`."""
+    check_safetensors(file)
     try:
         return mx.load(str(file))
     except Exception as e:
@@ -125,20 +166,50 @@ def _cast(weights: dict, dtype) -> dict:
     return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
 
 
+def _names(items) -> str:
+    items = sorted(items)
+    return ", ".join(items[:_SHOW]) + (f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else "")
+
+
+def check_weights(model, weights: dict, where) -> None:
+    """Refuse checkpoint tensors that a strict load would reject, naming them: missing, unexpected, mis-shaped, or
+    integers where the model has float parameters."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing, extra = set(expected) - set(weights), set(weights) - set(expected)
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} parameters of the model its config.json describes are not in "
+                              f"the checkpoint: {_names(missing)}")
+    if extra:
+        raise CheckpointError(f"{where}: {len(extra)} checkpoint tensors are not parameters of the model its "
+                              f"config.json describes: {_names(extra)}")
+    shapes = [f"{k} {tuple(weights[k].shape)} (needs {tuple(v.shape)})" for k, v in expected.items()
+              if tuple(weights[k].shape) != tuple(v.shape)]
+    if shapes:
+        raise CheckpointError(f"{where}: {len(shapes)} tensors have the wrong shape: {_names(shapes)}")
+    ints = [k for k, v in expected.items() if mx.issubdtype(v.dtype, mx.floating)
+            and not mx.issubdtype(weights[k].dtype, mx.floating)]
+    if ints:
+        raise CheckpointError(f"{where}: {len(ints)} tensors hold integers where the model has float weights: "
+                              f"{_names(ints)}")
+
+
 def load_model(model_cls, folder: Path, dtype=mx.bfloat16, config: dict | None = None, **build):
     """Build ``model_cls`` from ``folder/config.json`` (``build`` goes to ``from_config``) and load its shards
     strictly (lazily)."""
     config = read_json(folder / "config.json") if config is None else config
-    model = model_cls.from_config(config, **build)
+    with naming(folder / "config.json"):
+        try:
+            model = model_cls.from_config(config, **build)
+        except (TypeError, ZeroDivisionError) as e:  # a value of a type the checks did not foresee
+            raise ConfigError(str(e)) from None
     weights = model.sanitize(lazy_weights(folder))
     quantized = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
     if quantized:
-        apply_plan(model, plan_from_config(config.get("quantization"), quantized))
+        with naming(folder / "config.json"):
+            apply_plan(model, plan_from_config(config.get("quantization"), quantized))
     model.set_dtype(dtype)
-    try:
-        model.load_weights(list(_cast(weights, dtype).items()), strict=True)
-    except ValueError as e:
-        raise CheckpointError(f"{folder} does not match its config.json: {e}") from None
+    check_weights(model, weights, folder)
+    model.load_weights(list(_cast(weights, dtype).items()), strict=True)
     return model
 
 

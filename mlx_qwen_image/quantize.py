@@ -14,6 +14,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .config import ConfigError
+
 GROUP_SIZES = (32, 64, 128)
 BITS = (4, 8)
 
@@ -129,11 +131,16 @@ def plan_from_config(block: dict | None, quantized: set[str]) -> dict:
     """The plan of a converted checkpoint: the layers that have ``.scales``, with their bits and group size from
     the config's ``quantization`` block (per-layer entries first, then its defaults)."""
     block = block or {}
+    if not isinstance(block, dict):
+        raise ConfigError(f"quantization must be an object, got {block!r}")
     default = {"group_size": block.get("group_size", 64), "bits": block.get("bits", 4)}
     plan = {}
     for path in quantized:
         entry = block.get(path)
         plan[path] = {k: entry.get(k, default[k]) for k in default} if isinstance(entry, dict) else dict(default)
+        if plan[path]["bits"] not in (2, 3, 4, 5, 6, 8) or plan[path]["group_size"] not in GROUP_SIZES:
+            raise ConfigError(f"quantization of {path}: bits {plan[path]['bits']} / group size "
+                              f"{plan[path]['group_size']} are not ones MLX quantizes with")
     return plan
 
 

@@ -15,7 +15,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from .config import SchedulerConfig
+from .config import ConfigError, SchedulerConfig
 
 # The Qwen-Image-Lightning LoRAs (lightx2v/Qwen-Image-Lightning, 4 and 8 steps, CFG 1) were distilled with a fixed
 # shift of 3: mu = ln 3 at every resolution, no terminal stretch. Values as published in ModelTC/Qwen-Image-Lightning
@@ -77,11 +77,11 @@ class FlowMatchEulerScheduler:
             if getattr(c, name)
         ]
         if unsupported:
-            raise ValueError(f"scheduler options not supported: {', '.join(unsupported)} (set them to false)")
+            raise ConfigError(f"scheduler options not supported: {', '.join(unsupported)} (set them to false)")
         if c.time_shift_type not in ("exponential", "linear"):
-            raise ValueError(f"unknown time_shift_type {c.time_shift_type!r}: expected 'exponential' or 'linear'")
+            raise ConfigError(f"unknown time_shift_type {c.time_shift_type!r}: expected 'exponential' or 'linear'")
         if c.sigmas is not None and (not c.sigmas or not all(0 < s <= 1 for s in c.sigmas)):
-            raise ValueError(f"the scheduler's fixed sigmas must be a non-empty list in (0, 1], got {list(c.sigmas)}")
+            raise ConfigError(f"the scheduler's fixed sigmas must be a non-empty list in (0, 1], got {list(c.sigmas)}")
 
     @classmethod
     def from_config(cls, config: dict) -> "FlowMatchEulerScheduler":
@@ -109,8 +109,9 @@ class FlowMatchEulerScheduler:
         s = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
         if c.use_dynamic_shifting:
             mu = self.mu(image_seq_len)
+            # e^mu / (e^mu + 1/s - 1), written so that a huge mu (a huge image) cannot overflow.
             if c.time_shift_type == "exponential":
-                s = math.exp(mu) / (math.exp(mu) + (1 / s - 1))
+                s = 1 / (1 + (1 / s - 1) * math.exp(-mu))
             else:
                 s = mu / (mu + (1 / s - 1))
         else:
@@ -154,9 +155,11 @@ SCHEDULERS = {"FlowMatchEulerDiscreteScheduler": FlowMatchEulerScheduler}
 
 def scheduler_from_config(config: dict) -> FlowMatchEulerScheduler:
     """The scheduler a ``scheduler_config.json`` names (``_class_name``; absent means flow-match Euler)."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"the scheduler config is a JSON {type(config).__name__}, not an object")
     name = config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
     if name not in SCHEDULERS:
-        raise ValueError(f"scheduler {name} is not supported (supported: {', '.join(SCHEDULERS)})")
+        raise ConfigError(f"scheduler {name} is not supported (supported: {', '.join(SCHEDULERS)})")
     return SCHEDULERS[name].from_config(config)
 
 

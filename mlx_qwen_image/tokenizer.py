@@ -9,11 +9,12 @@ byte-level mapping without a prefix space, and the added tokens of ``tokenizer_c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
+
+from .config import CheckpointError, read_json
 
 # Qwen2's pre-tokenizer split: English contractions, letter runs with one leading non-letter, single digits,
 # punctuation runs (with trailing newlines), newline runs, then the remaining whitespace.
@@ -37,20 +38,37 @@ class QwenTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "QwenTokenizer":
-        """Load from a checkpoint's ``tokenizer/`` folder."""
+        """Load from a checkpoint's ``tokenizer/`` folder; damaged or missing files are a `CheckpointError`
+        naming the file."""
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"tokenizer folder not found: {path}")
-        config = _read_json(path / "tokenizer_config.json") or {}
+            raise CheckpointError(f"tokenizer folder not found: {path}")
+        config = _read_json(path / "tokenizer_config.json")
         if (path / "tokenizer.json").is_file():
-            tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+            try:
+                tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+            except Exception as e:  # the tokenizers library raises plain Exceptions
+                raise CheckpointError(f"{path / 'tokenizer.json'} is not a valid tokenizer ({e}); download the "
+                                      "checkpoint again") from None
         elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            tokenizer = _build_from_vocab_and_merges(path, config)
+            if config is None:
+                raise CheckpointError(f"{path / 'tokenizer_config.json'} is missing: beside vocab.json and merges.txt "
+                                      "it lists the special tokens (<|im_start|>, <|endoftext|> ...); download the "
+                                      "checkpoint again")
+            _check_vocab_and_merges(path)
+            try:
+                tokenizer = _build_from_vocab_and_merges(path, config)
+            except CheckpointError:
+                raise
+            except Exception as e:  # malformed added tokens; the tokenizers library raises plain Exceptions
+                raise CheckpointError(f"{path}: the tokenizer files do not fit together ({type(e).__name__}: {e}); "
+                                      "download the checkpoint again") from None
         else:
-            raise FileNotFoundError(
-                f"no tokenizer in {path}: expected tokenizer.json, or vocab.json and merges.txt"
-            )
-        pad = _token_content(config.get("pad_token")) or "<|endoftext|>"
+            raise CheckpointError(f"no tokenizer in {path}: expected tokenizer.json, or vocab.json and merges.txt")
+        pad = _token_content((config or {}).get("pad_token")) or "<|endoftext|>"
+        if tokenizer.token_to_id(pad) is None:
+            raise CheckpointError(f"{path}: the padding token {pad!r} is not in the tokenizer's vocabulary (is "
+                                  "tokenizer_config.json from another model?)")
         return cls(tokenizer, pad_token=pad)
 
     def encode(self, text: str) -> list[int]:
@@ -64,6 +82,21 @@ class QwenTokenizer:
 
     def __len__(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def _check_vocab_and_merges(path: Path):
+    vocab = read_json(path / "vocab.json")
+    if not vocab or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
+        raise CheckpointError(f"{path / 'vocab.json'} is not a token -> id map; download the checkpoint again")
+    try:
+        lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path / 'merges.txt'}: {getattr(e, 'strerror', None) or e}") from None
+    merges = [line for line in lines if line and not line.startswith("#version")]
+    bad = next((i for i, line in enumerate(merges) if len(line.split(" ")) != 2), None)
+    if not merges or bad is not None:
+        what = "has no merges" if not merges else f"line {bad + 1} is not a pair of tokens: {merges[bad][:40]!r}"
+        raise CheckpointError(f"{path / 'merges.txt'} {what}; download the checkpoint again")
 
 
 def _build_from_vocab_and_merges(path: Path, config: dict) -> Tokenizer:
@@ -87,7 +120,8 @@ def _build_from_vocab_and_merges(path: Path, config: dict) -> Tokenizer:
             tokenizer.add_tokens([token])
         got = tokenizer.token_to_id(token.content)
         if got != token_id:
-            raise ValueError(f"added token {token.content!r} got id {got}, the checkpoint says {token_id}")
+            raise CheckpointError(f"{path}: added token {token.content!r} got id {got}, tokenizer_config.json says "
+                                  f"{token_id}; download the checkpoint again")
     return tokenizer
 
 
@@ -121,7 +155,4 @@ def _token_content(value) -> str | None:
 
 
 def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path) if path.is_file() else None

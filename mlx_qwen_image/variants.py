@@ -118,10 +118,8 @@ def read_variant(root: Path) -> Variant:
     index_file = Path(root) / "model_index.json"
     if not index_file.is_file():
         raise CheckpointError(f"{root} is not a diffusers checkpoint: model_index.json is missing")
-    index = read_json(index_file)
-    if not isinstance(index, dict):
-        raise CheckpointError(f"{index_file} is not a JSON object; download or convert the checkpoint again")
-    return lookup(index.get("_class_name", ""), root)
+    name = read_json(index_file).get("_class_name", "")
+    return lookup(name if isinstance(name, str) else repr(name), root)
 
 
 def locate(path_or_repo_id: str | Path) -> tuple[Path, Variant]:

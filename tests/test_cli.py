@@ -107,7 +107,7 @@ def test_bad_models_are_refused(tiny_checkpoint, tmp_path):
     shutil.copytree(folder / "text_encoder", incomplete / "text_encoder")
     shard = next((incomplete / "vae").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:500])
-    _refused(generate(str(incomplete), out), "cannot read")
+    _refused(generate(str(incomplete), out), "damaged or incomplete: download or convert it again")
     assert not out.exists()
 
 

@@ -62,7 +62,10 @@ def test_transparency_and_arrays_match_transformers():
 
 
 def test_config_file_and_released_defaults(tmp_path):
-    assert QwenImageProcessor.from_pretrained(tmp_path) == QwenImageProcessor()
+    from mlx_qwen_image.config import CheckpointError
+
+    with pytest.raises(CheckpointError, match="preprocessor_config.json: No such file"):  # never guessed
+        QwenImageProcessor.from_pretrained(tmp_path)
     released = reference_processor(min_pixels=3136, max_pixels=12845056)
     ours = QwenImageProcessor()
     assert (ours.min_pixels, ours.max_pixels) == (released.size["shortest_edge"], released.size["longest_edge"])
@@ -75,6 +78,9 @@ def test_config_file_and_released_defaults(tmp_path):
             QwenImageProcessor.from_pretrained(tmp_path).max_pixels) == (1000, 5000)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 7, "max_pixels": 9}))
     assert QwenImageProcessor.from_pretrained(tmp_path).max_pixels == 9
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"patch_size": 0}))
+    with pytest.raises(CheckpointError, match="preprocessor_config.json: patch_size must be at least 1, got 0"):
+        QwenImageProcessor.from_pretrained(tmp_path)
 
 
 def test_image_token_count_follows_the_grid():

@@ -158,7 +158,7 @@ def test_missing_and_damaged_checkpoints(tiny_checkpoint, tmp_path):
     shutil.copytree(folder / "vae", broken / "vae")
     shard = next((broken / "transformer").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="cannot read .*safetensors"):
+    with pytest.raises(CheckpointError, match="safetensors: its header claims .* damaged or incomplete"):
         QwenImagePipeline.from_pretrained(broken)
 
 

@@ -6,6 +6,7 @@ import shutil
 import pytest
 from conftest import RELEASED
 
+from mlx_qwen_image.config import CheckpointError
 from mlx_qwen_image.tokenizer import PRETOKENIZE_REGEX, QwenTokenizer
 from mlx_qwen_image.variants import DEFAULT_TEXT_TO_IMAGE, TEMPLATE_SUFFIX_TOKENS, TEXT_TO_IMAGE_TEMPLATE
 
@@ -94,8 +95,8 @@ def test_text_to_image_template(reference):
 
 
 def test_missing_files_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer folder not found"):
+    with pytest.raises(CheckpointError, match="tokenizer folder not found"):
         QwenTokenizer.from_pretrained(tmp_path / "nope")
     shutil.copy(TOKENIZER / "vocab.json", tmp_path / "vocab.json")
-    with pytest.raises(FileNotFoundError, match="expected tokenizer.json, or vocab.json and merges.txt"):
+    with pytest.raises(CheckpointError, match="expected tokenizer.json, or vocab.json and merges.txt"):
         QwenTokenizer.from_pretrained(tmp_path)

@@ -34,7 +34,7 @@ def test_unknown_and_damaged_indexes_are_refused(tmp_path):
                                               "run .*supported model_index.json classes: QwenImagePipeline"):
         lookup("QwenImageLayeredPipeline")
     (tmp_path / "model_index.json").write_text("[1, 2]")
-    with pytest.raises(CheckpointError, match="not a JSON object"):
+    with pytest.raises(CheckpointError, match="holds a JSON list, not an object"):
         read_variant(tmp_path)
     with pytest.raises(CheckpointError, match="model_index.json is missing"):
         read_variant(tmp_path / "nowhere")

@@ -15,7 +15,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import TransformerConfig
+from ..config import ConfigError, TransformerConfig
 from .modulation import DroppedLinear, ModulationTable, WeightMarks, get_module, set_module
 from .rope import RopeCache, apply_rope
 
@@ -192,7 +192,7 @@ class QwenImageTransformer(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         if config.use_additional_t_cond or config.use_layer3d_rope or config.guidance_embeds:
-            raise ValueError(
+            raise ConfigError(
                 "this transformer config uses guidance embeddings or the Qwen-Image-Layered variant, "
                 "which mlx-qwen-image does not support"
             )

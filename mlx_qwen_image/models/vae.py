@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import VAEConfig
+from ..config import ConfigError, VAEConfig
 
 # Queries per attention chunk: bounds the (chunk x tokens) score matrix of the single-head mid-block
 # attention (a 1328x1328 image has 27556 latent tokens: unchunked scores would take 3 GB in float32).
@@ -232,7 +232,7 @@ class QwenImageVAE(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         if config.attn_scales:
-            raise ValueError("VAE attn_scales is not supported (the reference ignores it in the decoder too)")
+            raise ConfigError("VAE attn_scales is not supported (the reference ignores it in the decoder too)")
         self.config = config
         self.encoder = Encoder(config)
         self.quant_conv = nn.Linear(2 * config.z_dim, 2 * config.z_dim)
