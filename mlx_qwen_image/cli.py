@@ -1,7 +1,9 @@
 """The ``mlx-qwen-image`` command: parse, check, call the library, report. No model logic lives here.
 
-User mistakes (bad sizes, missing models, unwritable outputs) end in one line on stderr and exit code 1,
-never a traceback; outputs are written atomically and never overwrite an existing file unless asked.
+Every error is one line on stderr, never a traceback: exit code 2 for a command line click cannot parse (an
+unknown option, a value of the wrong type), 1 for everything else the user can fix (bad sizes, missing or damaged
+models, unwritable outputs, a run that produced NaNs), 130 for Ctrl-C. Outputs are written atomically and never
+replace an existing file unless asked.
 """
 
 from __future__ import annotations
@@ -36,19 +38,44 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .loading import CheckpointError
+        from .config import CheckpointError
+        from .pipeline import NonFiniteError
 
         try:
             return fn(*args, **kwargs)
-        except (CheckpointError, ValueError, OSError) as e:
+        except (CheckpointError, ValueError, OSError, NonFiniteError) as e:
             raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-        except KeyboardInterrupt:
-            raise UsageError("interrupted") from None
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Group(click.Group):
+    """click's group, with every error on one line (click's usage errors print three, with the usage)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        import warnings
+
+        # Library warnings (a prompt cut to fit) as one line, without Python's source location.
+        warnings.showwarning = lambda message, *_, **__: click.echo(f"warning: {message}", err=True)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "mlx-qwen-image"
+            click.echo(f"Error: {e.format_message()} (see {where} --help)", err=True)
+            code = 2
+        except click.ClickException as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            code = e.exit_code
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("interrupted", err=True)
+            code = 130
+        code = code if isinstance(code, int) else 0
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mlx-qwen-image")
 def cli():
     """Qwen-Image text-to-image and image editing on Apple Silicon (MLX)."""
@@ -70,6 +97,8 @@ def output_paths(output: str | None, seeds: list[int], overwrite: bool) -> list[
             raise UsageError(f"--output {output}: only .png is written; give a file name ending in .png")
         paths = [base] if len(seeds) == 1 else [base.with_name(f"{base.stem}-{i + 1}.png") for i in range(len(seeds))]
     for p in paths:
+        if p.is_dir():
+            raise UsageError(f"--output {p} is a folder; give a file name ending in .png")
         parent = p.parent if str(p.parent) else Path(".")
         if not parent.is_dir():
             raise UsageError(f"cannot write {p}: folder {parent} does not exist")
@@ -87,21 +116,33 @@ def _writable(folder: Path) -> bool:
 
 
 class Progress:
-    """One status line on stderr: step, s/step and ETA."""
+    """Progress on stderr: one status line rewritten in place on a terminal (step, s/step, ETA), one line per step
+    in a log file; and a line when a long phase without steps starts (the text encoder, the pictures, the decode)."""
+
+    PHASES = {"text_encoder": "encoding the prompt", "picture_encode": "encoding the pictures",
+              "decode": "decoding the image"}
 
     def __init__(self, total: int, label: str):
-        self.total, self.label, self.start = total, label, time.perf_counter()
+        self.total, self.label = total, label
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
 
     def update(self, done: int):
         elapsed = time.perf_counter() - self.start
         per = elapsed / max(done, 1)
         eta = per * (self.total - done)
         bar = "#" * int(20 * done / self.total)
-        click.echo(
-            f"\r{self.label} [{bar:<20}] {done}/{self.total}  {per:6.2f} s/step  ETA {eta:5.0f} s",
-            err=True,
-            nl=done == self.total,
-        )
+        line = f"{self.label} [{bar:<20}] {done}/{self.total}  {per:6.2f} s/step  ETA {eta:5.0f} s"
+        if self.tty:
+            click.echo("\r" + line, err=True, nl=done == self.total)
+        else:
+            click.echo(line, err=True)
+
+    def phase(self, name: str):
+        if name == "denoise":  # s/step and the ETA count the steps only
+            self.start = time.perf_counter()
+        if name in self.PHASES:
+            click.echo(f"{self.label}: {self.PHASES[name]}", err=True)
 
 
 def format_bytes(n: float) -> str:
@@ -122,7 +163,8 @@ def shared_options(fn):
         click.option("--overwrite", is_flag=True, help="Replace an existing output file."),
         click.option("--quantize", type=click.Choice(["4", "8"]), default=None,
                      help="Quantize the transformer on load."),
-        click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True),
+        click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
+                     help="Weights and activations; float32 is the reference-exact mode (twice the memory)."),
         click.option("--low-memory", is_flag=True,
                      help="Never hold the text encoder and the transformer's timestep weights during denoising."),
         click.option("--text-encoder-bits", type=click.Choice(["8"]), default=None,
@@ -162,6 +204,7 @@ class Job:
         seed = random.randrange(2**31) if seed is None else seed
         self.seeds = [seed + i for i in range(num_images)]
         self.paths = output_paths(output, self.seeds, overwrite)
+        self.overwrite = overwrite
         self.model, self.steps, self.cfg_scale, self.dtype, self.low_memory = model, steps, cfg_scale, dtype, low_memory
         self.quantize = int(quantize) if quantize else None
         self.text_encoder_bits = int(text_encoder_bits) if text_encoder_bits else None
@@ -196,10 +239,15 @@ class Job:
         from .pipeline import QwenImagePipeline
         from .scheduler import LIGHTNING_SCHEDULER_CONFIG
 
-        return QwenImagePipeline.from_pretrained(
+        pipe = QwenImagePipeline.from_pretrained(
             self.model, quantize=self.quantize, dtype=self.dtype, loras=self.loras,
             text_encoder_bits=self.text_encoder_bits, low_memory=self.low_memory,
             scheduler_config=LIGHTNING_SCHEDULER_CONFIG if self.lightning else None)
+        self.quantization = pipe.quantization
+        if self.lightning and not self.loras and not _baked_lightning(pipe.root):
+            click.echo("note: --lightning sets the Lightning schedule, which expects the Lightning LoRA (--lora "
+                       "Qwen-Image-Lightning-...safetensors) or a checkpoint with it baked in", err=True)
+        return pipe
 
     def metadata(self, run, seed, **extra):
         req = run.request
@@ -207,7 +255,7 @@ class Job:
             **extra,
             "negative_prompt": req.negative_prompts[0] if req.negative_prompts else " ",
             "seed": seed, "steps": req.steps, "cfg_scale": req.cfg_scale, "width": run.width, "height": run.height,
-            "model": str(self.model), "quantization": f"{self.quantize}-bit" if self.quantize else "none",
+            "model": str(self.model), "quantization": self.quantization,
             "text_encoder_quantization": f"{self.text_encoder_bits}-bit" if self.text_encoder_bits else "none",
             "dtype": self.dtype,
             "loras": ", ".join(f"{p}:{s:g}" for p, s in self.loras) or "none",
@@ -220,14 +268,28 @@ class Job:
         from .image import save_png
 
         progress = Progress(run.total, f"seed {seed}")
+        run.on_phase = progress.phase
         image = run.complete("pil", lambda done, _: progress.update(done))[0]
-        save_png(image, path, metadata)
-        self.peak = max([self.peak] + [p.get("peak_memory", 0) for p in run.stats.values() if isinstance(p, dict)])
-        click.echo(f"saved {path}", err=True)
+        save_png(image, path, metadata, overwrite=self.overwrite)
+        stats = run.stats
+        self.peak = max([self.peak] + [p.get("peak_memory", 0) for p in stats.values() if isinstance(p, dict)])
+        times = [f"{label} {stats[name]['seconds']:.1f} s" for name, label in
+                 (("text_encoder", "prompt"), ("picture_encode", "pictures"), ("denoise", f"{run.total} steps"),
+                  ("decode", "decode")) if name in stats]
+        click.echo(f"saved {path} ({', '.join(times)})", err=True)
 
     def done(self):
         click.echo(f"done: {len(self.paths)} image(s) in {time.perf_counter() - self.start:.1f} s, "
                    f"peak memory {format_bytes(self.peak)}", err=True)
+
+
+def _baked_lightning(root) -> bool:
+    """Whether a checkpoint's own scheduler is the Lightning one (a LoRA baked in by ``convert --lightning``)."""
+    from .config import read_json
+    from .scheduler import LIGHTNING_SCHEDULER_CONFIG
+
+    stored = read_json(root / "scheduler" / "scheduler_config.json")
+    return all(stored.get(k) == v for k, v in LIGHTNING_SCHEDULER_CONFIG.items())
 
 
 def _open_image(path):
@@ -242,8 +304,10 @@ def _open_image(path):
 @cli.command()
 @click.argument("prompt")
 @click.option("--model", default="Qwen/Qwen-Image", show_default=True, help="Checkpoint folder or Hub repo id.")
-@click.option("--width", type=int, default=None, help="Image width (multiple of 16). [default: 1024]")
-@click.option("--height", type=int, default=None, help="Image height (multiple of 16). [default: 1024]")
+@click.option("--width", type=int, default=None,
+              help="Image width (multiple of 16). [default: 1024; with --height alone, that aspect kept]")
+@click.option("--height", type=int, default=None,
+              help="Image height (multiple of 16). [default: 1024; with --width alone, that aspect kept]")
 @click.option("--aspect", type=click.Choice(list(ASPECTS)), default=None, help="An official size preset.")
 @click.option("--image", "init_image", default=None, help="img2img: start from this picture.")
 @click.option("--strength", type=float, default=0.6, show_default=True,
@@ -283,7 +347,8 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
 @click.option("--model", default="Qwen/Qwen-Image-Edit-2509", show_default=True,
               help="Editing checkpoint folder or Hub repo id.")
 @click.option("--width", type=int, default=None, help="Output width. [default: last picture's aspect, ~1024x1024]")
-@click.option("--height", type=int, default=None, help="Output height. [default: as --width]")
+@click.option("--height", type=int, default=None,
+              help="Output height (multiple of 16). [default: the last picture's aspect, ~1024x1024]")
 @shared_options
 @user_errors
 def edit(prompt, images, model, width, height, steps, cfg_scale, negative_prompt, seed, num_images, output,
@@ -352,11 +417,7 @@ def benchmark_command(args):
 
 
 def main():
-    try:
-        cli(standalone_mode=True)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    cli(standalone_mode=True)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,15 @@ a new task is one more builder (and a hook if it acts during the loop).
 from __future__ import annotations
 
 import dataclasses
+import math
+from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
+import numpy as np
 from PIL import Image
 
-from .image import fit_area, resize
+from .image import fit_area, open_image, resize
 from .variants import Variant
 
 
@@ -91,14 +94,23 @@ def _conditioning(req: Request, features, **task) -> Conditioning:
                         [(1, req.height // 16, req.width // 16)], hooks=req.hooks, **task)
 
 
-def text_to_image(pipe, req: Request) -> Conditioning:
-    return _conditioning(req, pipe.text_features(req.text_rows))
+# A builder is ``builder(pipe, request, phase)``: ``with phase(name):`` times each stage into the run's stats
+# ("text_encoder", "picture_encode"); what it returns is evaluated, so no stage's work lands in the first step.
+
+def text_to_image(pipe, req: Request, phase) -> Conditioning:
+    with phase("text_encoder"):
+        features = pipe.text_features(req.text_rows)
+    return _conditioning(req, features)
 
 
-def img2img(pipe, req: Request) -> Conditioning:
+def img2img(pipe, req: Request, phase) -> Conditioning:
     """The picture, resized to the output size, is the start; the scheduler mixes it with the noise."""
-    start = pipe.encode_image(resize(req.image, req.width, req.height))
-    return _conditioning(req, pipe.text_features(req.text_rows), start=start, strength=req.strength)
+    with phase("text_encoder"):
+        features = pipe.text_features(req.text_rows)
+    with phase("picture_encode"):
+        start = pipe.encode_image(resize(req.image, req.width, req.height))
+        mx.eval(start)
+    return _conditioning(req, features, start=start, strength=req.strength)
 
 
 def edit_pictures(variant: Variant, images) -> tuple[list[Image.Image], list[Image.Image]]:
@@ -110,12 +122,15 @@ def edit_pictures(variant: Variant, images) -> tuple[list[Image.Image], list[Ima
     return [resize(i, *fit_area(*i.size, variant.condition_area)) for i in images], vae
 
 
-def edit(pipe, req: Request) -> Conditioning:
+def edit(pipe, req: Request, phase) -> Conditioning:
     """The pictures enter twice: as vision tokens inside the prompt, and as VAE latents appended to the image
     tokens of every transformer call (segments 1, 2, ...), of which only the generated segment's output is used."""
     condition, vae = edit_pictures(pipe.variant, req.images)
-    features = pipe.text_features(req.text_rows, condition)
-    reference = mx.concatenate([pipe.encode_image(p) for p in vae], axis=1)
+    with phase("text_encoder"):
+        features = pipe.text_features(req.text_rows, condition)
+    with phase("picture_encode"):
+        reference = mx.concatenate([pipe.encode_image(p) for p in vae], axis=1)
+        mx.eval(reference)
     cond = _conditioning(req, features, reference=reference)
     cond.segments += [(1, p.size[1] // 16, p.size[0] // 16) for p in vae]
     return cond
@@ -130,11 +145,135 @@ def builder(req: Request):
 
 def output_size(variant: Variant, width, height, image=None, images=()) -> tuple[int, int]:
     """The requested size, or the default: the (last) edit picture's aspect at the variant's reference area, the
-    img2img picture's aspect at about 1024x1024, or the variant's size."""
+    img2img picture's aspect at about 1024x1024, or the variant's size. With one side given, the other keeps that
+    default's aspect (rounded to a multiple of 16)."""
     if images:
         fit = fit_area(*images[-1].size, variant.reference_area)
     elif image is not None:
         fit = fit_area(*image.size)
     else:
         fit = variant.size
-    return width or fit[0], height or fit[1]
+    if width is not None and height is None:
+        height = max(16, round(width * fit[1] / fit[0] / 16) * 16)
+    elif height is not None and width is None:
+        width = max(16, round(height * fit[0] / fit[1] / 16) * 16)
+    return (fit[0], fit[1]) if width is None else (width, height)
+
+
+def check_request(width: int, height: int, steps: int, cfg_scale: float):
+    """Refuse sizes, step counts and CFG scales the model cannot use, naming valid values."""
+    for name, v in (("width", width), ("height", height)):
+        if v < 16 or v % 16:
+            lo = max(16, v // 16 * 16)
+            raise ValueError(f"{name} {v} is not a multiple of 16; use {lo}" + (f" or {lo + 16}" if v > lo else ""))
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if not math.isfinite(cfg_scale) or cfg_scale < 1:
+        raise ValueError(f"cfg_scale must be a number of at least 1 (1 turns CFG off), got {cfg_scale}")
+
+
+def check_prompts(prompt, name: str = "prompt") -> list[str]:
+    """A prompt or a non-empty list of prompts, each a real string that can be encoded as UTF-8."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {_short(prompt)}")
+    for p in prompts:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{name} is not valid text: it holds {p[e.start]!r} at position {e.start} (the shell "
+                             "passed bytes that are not UTF-8; check the terminal's encoding)") from None
+    return list(prompts)
+
+
+def pictures_list(images, variant: Variant) -> list[Image.Image]:
+    """The edit pictures, opened, after checking that the checkpoint edits and takes that many."""
+    if not variant.edits:
+        raise ValueError(f"this checkpoint ({variant.class_name}) takes no edit pictures; it does {variant.tasks}")
+    items = [images] if isinstance(images, (str, Path, Image.Image)) else images
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"images must be a list of paths or PIL images, got {_short(images)}")
+    if not items:
+        raise ValueError("editing needs at least one picture in images=[...]")
+    if len(items) > variant.max_images:
+        raise ValueError(f"this checkpoint ({variant.class_name}) takes at most {variant.max_images} picture(s), "
+                         f"got {len(items)}")
+    return [open_image(i) for i in items]
+
+
+def _integer(name: str, value, low: int | None = None):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {_short(value)}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+    return int(value)
+
+
+def _number(name: str, value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {_short(value)}")
+    return float(value)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def make_request(variant: Variant, channels: int, fixed_steps: int | None, prompt, negative_prompt=None, width=None,
+                 height=None, steps=None, cfg_scale=None, seed=0, latents=None, images=None, image=None,
+                 strength=None, hooks=()) -> Request:
+    """Check a run's arguments against the checkpoint (``variant``, the transformer's latent ``channels``, the
+    scheduler's ``fixed_steps``) and resolve the defaults; every mistake is a one-line ``ValueError``."""
+    prompts = check_prompts(prompt)
+    if image is not None and not variant.img2img:
+        raise ValueError(f"this checkpoint ({variant.class_name}) does not do img2img; it does {variant.tasks}")
+    if images is None and variant.edits:
+        raise ValueError(f"this checkpoint ({variant.class_name}) edits pictures: pass images=[...] "
+                         "(mlx-qwen-image edit --image FILE)")
+    strength = _number("strength", strength)
+    if strength is not None and image is None:
+        raise ValueError("strength applies to img2img only: pass image= too")
+    pictures = tuple(pictures_list(images, variant)) if images is not None else ()
+    picture = open_image(image) if image is not None else None
+    if picture is not None:
+        strength = 0.6 if strength is None else strength
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+    width, height = _integer("width", width), _integer("height", height)
+    steps = _integer("steps", steps)
+    steps = (fixed_steps or variant.steps) if steps is None else steps
+    cfg_scale = _number("cfg_scale", cfg_scale)
+    cfg_scale = variant.cfg_scale if cfg_scale is None else cfg_scale
+    width, height = output_size(variant, width, height, picture, pictures)
+    check_request(width, height, steps, cfg_scale)
+    negatives = None
+    if cfg_scale > 1:
+        if isinstance(negative_prompt, (list, tuple)):
+            negatives = check_prompts(negative_prompt, "negative_prompt")
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        else:
+            negatives = check_prompts(" " if negative_prompt is None else negative_prompt, "negative_prompt")
+            negatives = negatives * len(prompts)
+    n = (height // 16) * (width // 16)
+    if latents is not None:
+        latents = latents if isinstance(latents, mx.array) else mx.array(np.asarray(latents, dtype=np.float32))
+        if latents.shape != (len(prompts), n, channels):
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {(len(prompts), n, channels)} "
+                             f"(batch, (H/16)*(W/16), {channels}) for {width}x{height}")
+        latents = latents.astype(mx.float32)
+        mx.eval(latents)
+    else:
+        if seed is None:
+            raise ValueError("seed must be an integer, got None (or pass latents=)")
+        seed = _integer("seed", seed)
+        if not 0 <= seed < 2**63 - len(prompts):
+            raise ValueError(f"seed must be in [0, 2**63 - {len(prompts)}), got {seed}")
+    return Request(tuple(prompts), tuple(negatives) if negatives else None, width, height, steps, cfg_scale, seed,
+                   latents, pictures, picture, strength, tuple(hooks))

@@ -8,20 +8,58 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import warnings
+
 import mlx.core as mx
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
-def open_image(image) -> Image.Image:
-    """A picture (a path or a PIL image) as an RGB PIL image; an unreadable one is a one-line ``ValueError``."""
+MAX_PICTURE_PIXELS = 100_000_000  # a 48-50 Mpx phone photo fits; every run resizes pictures to about 1 Mpx
+MAX_PICTURE_ASPECT = 16  # the models' official sizes stay within 16:9; a strip beyond 16:1 has no usable size
+
+
+def open_image(image, name: str | None = None) -> Image.Image:
+    """A picture (a path or a PIL image) as an RGB PIL image, as diffusers' loader gives it (EXIF rotation
+    applied), with 16-bit and 32-bit grey pictures scaled to 8 bits instead of clipped to white. Anything unusable
+    (missing, not a picture, truncated, a decompression bomb, a strip) is a one-line ``ValueError``."""
+    label = name or (str(image) if not isinstance(image, Image.Image) else "the picture")
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    try:
-        with Image.open(image) as f:
-            return f.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {image}: {e}") from None
+        picture = image
+    else:
+        try:
+            with warnings.catch_warnings():  # the size check below is ours, with a clearer message
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                picture = Image.open(image)
+        except Image.DecompressionBombError:
+            raise ValueError(f"picture {label} is larger than {MAX_PICTURE_PIXELS // 10**6} megapixels "
+                             "(a decompression bomb?); scale it down first") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ValueError(f"cannot read image {label}: {e}") from None
+        _check_size(picture.size, label)  # from the header, before anything is decoded
+        try:
+            picture.load()
+        except (OSError, ValueError, SyntaxError) as e:  # a truncated or corrupt file
+            raise ValueError(f"cannot read image {label}: {e}") from None
+    _check_size(picture.size, label)
+    picture = ImageOps.exif_transpose(picture)
+    if picture.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(picture, dtype=np.float64)
+        top = 1.0 if picture.mode == "F" and values.max(initial=0) <= 1 else 65535.0
+        picture = Image.fromarray(np.round(np.clip(values / top, 0, 1) * 255).astype(np.uint8), "L")
+    return picture.convert("RGB")
+
+
+def _check_size(size: tuple[int, int], label: str):
+    width, height = size
+    if width < 1 or height < 1:
+        raise ValueError(f"picture {label} is empty ({width}x{height})")
+    if width * height > MAX_PICTURE_PIXELS:
+        raise ValueError(f"picture {label} is {width}x{height}, more than {MAX_PICTURE_PIXELS // 10**6} megapixels; "
+                         "scale it down first")
+    if max(width, height) > MAX_PICTURE_ASPECT * min(width, height):
+        raise ValueError(f"picture {label} is {width}x{height}: an aspect ratio beyond {MAX_PICTURE_ASPECT}:1 "
+                         "leaves no usable size; crop it")
 
 
 def resize(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -70,8 +108,10 @@ def array_to_pil(x: mx.array | np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(p) for p in pixels]
 
 
-def save_png(image: Image.Image, path, metadata: dict | None = None):
-    """Write a PNG with ``metadata`` as text chunks, atomically: a temporary file beside it, then a rename."""
+def save_png(image: Image.Image, path, metadata: dict | None = None, overwrite: bool = False):
+    """Write a PNG with ``metadata`` as text chunks, atomically: a temporary file beside it, then a hard link (which
+    fails if ``path`` appeared meanwhile, e.g. another run writing the same name) or, with ``overwrite``, a rename.
+    The file gets the permissions the umask gives a new file."""
     import os
     import tempfile
     from pathlib import Path
@@ -86,7 +126,29 @@ def save_png(image: Image.Image, path, metadata: dict | None = None):
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
+        os.chmod(tmp, 0o666 & ~_umask())
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(f"{path} appeared while this run was working (another run writing the same "
+                                  "name?); it was left as it is: choose another name or pass --overwrite") from None
+        except OSError:  # a file system without hard links: reserve the name exclusively, then rename onto it
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.replace(tmp, path)
+            return
         os.unlink(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -118,7 +118,7 @@ def lazy_weights(folder: Path) -> dict[str, mx.array]:
 def check_safetensors(file: Path) -> dict:
     """The header of a safetensors file, read defensively: its length, its JSON, every tensor's dtype, shape and
     byte range inside the file. Anything wrong is a `CheckpointError` naming the file and the problem."""
-    damaged = f"(the file is damaged or incomplete: download or convert it again)"
+    damaged = "(the file is damaged or incomplete: download or convert it again)"
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:

@@ -163,7 +163,23 @@ def load_lora(source: Source) -> LoRA:
               broken)
     if not layers:
         raise ValueError(f"{name}: no LoRA layers found")
+    _check_values(name, layers)
     return LoRA(name, layers, flat)
+
+
+def _check_values(name: str, layers: dict[str, LoRALayer]):
+    """Float tensors with finite values only: a NaN or an integer tensor would give black or garbage images."""
+    ints = [m for m, lyr in layers.items() if any(not mx.issubdtype(t.dtype, mx.floating)
+                                                   for t in (lyr.down, lyr.up, lyr.up_bias) if t is not None)]
+    if ints:
+        _fail(f"{name}: {len(ints)} LoRA layers hold integer tensors, not float weights", ints)
+    finite = {m: mx.all(mx.isfinite(lyr.down)) & mx.all(mx.isfinite(lyr.up))
+              & (mx.all(mx.isfinite(lyr.up_bias)) if lyr.up_bias is not None else True) for m, lyr in layers.items()}
+    mx.eval(list(finite.values()))
+    bad = [m for m, ok in finite.items() if not ok.item()] + [m for m, lyr in layers.items()
+                                                                 if not math.isfinite(lyr.scale)]
+    if bad:
+        _fail(f"{name}: {len(bad)} LoRA layers hold NaN or infinite values (a damaged or badly trained file)", bad)
 
 
 def _resolve(lora: LoRA, targets: dict[str, tuple[int, int] | None]) -> dict[str, LoRALayer]:
@@ -193,6 +209,9 @@ def _collect(loras, targets) -> dict[str, list[tuple[LoRALayer, float]]]:
     per_path: dict[str, list[tuple[LoRALayer, float]]] = {}
     for item in loras:
         source, scale = item if isinstance(item, tuple) else (item, 1.0)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            what = source if isinstance(source, (str, Path)) else getattr(source, "name", "LoRA weights")
+            raise ValueError(f"LoRA scale {scale!r} for {what} must be a finite number")
         for path, layer in _resolve(load_lora(source), targets).items():
             per_path.setdefault(path, []).append((layer, float(scale)))
     return per_path
@@ -322,11 +341,16 @@ def apply_lora(model: nn.Module, loras) -> int:
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
-    """``PATH[:SCALE]`` as the CLI takes it; a path that itself contains ':' works when no scale follows."""
+    """``PATH[:SCALE]`` as the CLI takes it; a path that itself contains ':' works when no scale follows (an existing
+    file named so). A scale that is not a finite number is refused."""
     path, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return text, 1.0
+    if not sep or Path(text).expanduser().exists():
+        return text, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise ValueError(f"--lora {text}: the scale {tail!r} is not a number (PATH[:SCALE], e.g. "
+                         "style.safetensors:0.8)") from None
+    if not math.isfinite(scale):
+        raise ValueError(f"--lora {text}: the scale must be a finite number, got {tail}")
+    return path, scale

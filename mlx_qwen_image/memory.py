@@ -59,9 +59,44 @@ def estimate_bytes(model, quantize: int | None, width: int, height: int, cfg: bo
         transformer = variant.transformer_params * bytes_per_param(quantize, dtype)
     if text is None:
         text = variant.text_encoder_params * bytes_per_param(text_encoder_bits, dtype)
-    tokens = (width // 16) * (height // 16) * (2 if cfg else 1)
-    activations = tokens * 3072 * 4 * 2 * 12 + width * height * 96 * 2 * 4
-    return (max(transformer, text) if low_memory else transformer + text) + activations
+    return (max(transformer, text) if low_memory else transformer + text) + activation_bytes(width, height, cfg)
+
+
+def activation_bytes(width: int, height: int, cfg: bool, dim: int = 3072, heads: int = 24,
+                     text_tokens: int = 64) -> float:
+    """Activation headroom of a run: the transformer's widest intermediates (x12 the stream width, bf16, twice for
+    the residual), the VAE decoder's, and on the CPU the attention scores (its attention is not fused)."""
+    rows = 2 if cfg else 1
+    tokens = (width // 16) * (height // 16)
+    total = rows * tokens * dim * 4 * 2 * 12 + width * height * 96 * 2 * 4
+    if _on_cpu():
+        total += rows * heads * (tokens + text_tokens) ** 2 * 4
+    return float(total)
+
+
+def _on_cpu() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device().type == mx.cpu
+
+
+def refuse_size(width: int, height: int, cfg: bool, dim: int = 3072, heads: int = 24) -> str | None:
+    """A one-line refusal when a run's activations alone cannot fit in this machine's memory (with the largest
+    size of the same aspect that would), else None."""
+    have = total_memory()
+    need = activation_bytes(width, height, cfg, dim, heads)
+    if not have or need <= have:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(40):  # the largest scale of the request whose activations fit
+        mid = (lo + hi) / 2
+        w, h = max(16, int(width * mid) // 16 * 16), max(16, int(height * mid) // 16 * 16)
+        lo, hi = (mid, hi) if activation_bytes(w, h, cfg, dim, heads) <= have else (lo, mid)
+    w, h = max(16, int(width * lo) // 16 * 16), max(16, int(height * lo) // 16 * 16)
+    fits = activation_bytes(w, h, cfg, dim, heads) <= have
+    return (f"{width}x{height} needs about {need / 1e9:,.0f} GB for the run's activations alone and this machine has "
+            f"{have / 1e9:.0f} GB; " + (f"the largest size of this aspect that fits is {w}x{h}" if fits else
+                                        "no size of this aspect fits"))
 
 
 def total_memory() -> int | None:

@@ -11,7 +11,7 @@ thread (`runtime`), so that lazily loaded weights are always evaluated where the
 
 from __future__ import annotations
 
-import math
+import contextlib
 import threading
 import time
 from functools import partial
@@ -20,14 +20,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import runtime
-from .conditioning import Conditioning, Request, builder, output_size
+from . import memory, runtime
+from .conditioning import (Conditioning, Request, builder, check_prompts, edit_pictures, make_request,
+                           pictures_list)
 from .config import read_json
-from .image import array_to_numpy, array_to_pil, open_image, pil_to_array
+from .image import array_to_numpy, array_to_pil, pil_to_array
 from .image_processor import QwenImageProcessor
 from .loading import lazy_weights, load_model, quantize_model
 from .prompts import MAX_SEQUENCE_LENGTH, FeatureCache, PromptEncoder
-from .quantize import is_quantized
+from .quantize import is_quantized, quantized_bits
 from .scheduler import scheduler_from_config
 from .tokenizer import QwenTokenizer
 from .variants import DEFAULT_TEXT_TO_IMAGE, Variant, locate
@@ -42,18 +43,6 @@ def _dtype(dtype) -> mx.Dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def check_request(width: int, height: int, steps: int, cfg_scale: float):
-    """Refuse sizes, step counts and CFG scales the model cannot use, naming valid values."""
-    for name, v in (("width", width), ("height", height)):
-        if v < 16 or v % 16:
-            lo = max(16, v // 16 * 16)
-            raise ValueError(f"{name} {v} is not a multiple of 16; use {lo}" + (f" or {lo + 16}" if v > lo else ""))
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    if not math.isfinite(cfg_scale) or cfg_scale < 1:
-        raise ValueError(f"cfg_scale must be a number of at least 1 (1 turns CFG off), got {cfg_scale}")
 
 
 def pack_latents(z: mx.array) -> mx.array:
@@ -94,7 +83,12 @@ class Run:
         self.done = 0
         self.latents: mx.array | None = None
         self.stats: dict = {}
+        self.on_phase = None  # called with each phase's name as it starts (for progress lines)
         self._iterator = None
+
+    def tell(self, phase: str):
+        if self.on_phase is not None:
+            self.on_phase(phase)
 
     def __iter__(self):
         if self._iterator is None:
@@ -128,6 +122,7 @@ class Run:
                 progress(self.done, self.total)
         if self.done < self.total:
             raise RuntimeError(f"the run was closed after {self.done} of {self.total} steps")
+        self.tell("decode")
         with self.pipe._lock:
             return runtime.call(self.pipe._decode, self.latents, self.width, self.height, output, self.stats)
 
@@ -163,6 +158,7 @@ class QwenImagePipeline:
         self.loras: list[tuple] = []  # (source, scale) applied through this pipeline
         self._lock = threading.RLock()
         self._timestep_source = timestep_source
+        self.root: Path | None = None  # the checkpoint folder, when loaded from one
 
     # The text side lives in `prompts`; these are its parts under the names diffusers users know.
     text_encoder = property(lambda self: self.prompts.text_encoder,
@@ -211,6 +207,10 @@ class QwenImagePipeline:
     @classmethod
     def _load(cls, root, variant, dtype, quantize, loras, text_encoder_bits, scheduler) -> "QwenImagePipeline":
         transformer = load_model(variant.model_class("transformer"), root / "transformer", dtype)
+        stored = quantized_bits(transformer)
+        if quantize and stored and quantize != stored:
+            raise ValueError(f"{root} is already quantized ({stored}-bit): quantize={quantize} cannot change that; "
+                             "leave it out, or convert from the float checkpoint")
         if loras:
             from .lora import apply_lora
 
@@ -230,7 +230,14 @@ class QwenImagePipeline:
         pipe.prompts.load()
         pipe._timestep_source = _TimestepSource(root / "transformer", dtype, loras)
         pipe.loras = list(loras)
+        pipe.root = root
         return pipe
+
+    @property
+    def quantization(self) -> str:
+        """The transformer's quantization as it runs ("4-bit", "8-bit" or "none"), however it came about."""
+        bits = quantized_bits(self.transformer)
+        return f"{bits}-bit" if bits else "none"
 
     def load_lora(self, path, scale: float = 1.0) -> int:
         """Apply a LoRA (safetensors) to the transformer; several LoRAs add up. Returns the layers changed."""
@@ -257,13 +264,10 @@ class QwenImagePipeline:
         Equal to diffusers' ``encode_prompt`` whenever a prompt fits in ``max_sequence_length`` features. A longer
         prompt loses its last tokens (not the closing template tokens, as in diffusers), with a warning.
         """
-        from .conditioning import edit_pictures
-
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = check_prompts(prompt)
         pictures = None
         if images is not None:
-            self._check_pictures(images)
-            pictures = edit_pictures(self.variant, [open_image(i) for i in _as_list(images)])[0]
+            pictures = edit_pictures(self.variant, pictures_list(images, self.variant))[0]
         with self._lock:
             return runtime.call(self.prompts.encode, prompts, pictures, max_sequence_length)
 
@@ -283,63 +287,23 @@ class QwenImagePipeline:
         x = pil_to_array(image, dtype=self.vae.dtype)
         return pack_latents(self.vae.normalize_latents(self.vae.encode(x)).astype(mx.float32))
 
-    def _check_pictures(self, images):
-        v = self.variant
-        if not v.edits:
-            raise ValueError(f"this checkpoint ({v.class_name}) takes no edit pictures; it does {v.tasks}")
-        count = len(_as_list(images))
-        if count < 1:
-            raise ValueError("editing needs at least one picture in images=[...]")
-        if count > v.max_images:
-            raise ValueError(f"this checkpoint ({v.class_name}) takes at most {v.max_images} picture(s), got {count}")
-
     # -- runs ----------------------------------------------------------------------------------------------
 
     def denoise(self, prompt, negative_prompt=None, width=None, height=None, steps=None, cfg_scale=None, seed=0,
                 latents=None, images=None, image=None, strength=None, low_memory=None, hooks=()) -> Run:
         """A `Run` of ``generate``'s request: iterate it for the evaluated latents after each step, then
         ``run.complete()`` decodes. Everything about the request is checked here, before any work."""
-        v = self.variant
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        if image is not None and not v.img2img:
-            raise ValueError(f"this checkpoint ({v.class_name}) does not do img2img; it does {v.tasks}")
-        if images is not None:
-            self._check_pictures(images)
-        elif v.edits:
-            raise ValueError(f"this checkpoint ({v.class_name}) edits pictures: pass images=[...] "
-                             "(mlx-qwen-image edit --image FILE)")
-        if strength is not None and image is None:
-            raise ValueError("strength applies to img2img only: pass image= too")
-        pictures = tuple(open_image(i) for i in _as_list(images)) if images is not None else ()
-        picture = open_image(image) if image is not None else None
-        if picture is not None and strength is None:
-            strength = 0.6
-        steps = (self.scheduler.fixed_steps or v.steps) if steps is None else steps
-        cfg_scale = v.cfg_scale if cfg_scale is None else cfg_scale
-        width, height = output_size(v, width, height, picture, pictures)
-        check_request(width, height, steps, cfg_scale)
-        negatives = None
-        if cfg_scale > 1:
-            negatives = [" " if negative_prompt is None else negative_prompt] * len(prompts)
-            if isinstance(negative_prompt, (list, tuple)):
-                if len(negative_prompt) != len(prompts):
-                    raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
-                negatives = list(negative_prompt)
-        n, channels = (height // 16) * (width // 16), self.transformer.config.in_channels
-        if latents is not None:
-            latents = latents if isinstance(latents, mx.array) else mx.array(np.asarray(latents, dtype=np.float32))
-            if latents.shape != (len(prompts), n, channels):
-                raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {(len(prompts), n, channels)} "
-                                 f"(batch, (H/16)*(W/16), {channels}) for {width}x{height}")
-            latents = latents.astype(mx.float32)
-            mx.eval(latents)
-        elif not 0 <= seed < 2**63 - len(prompts):
-            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-        schedule = self.scheduler.schedule(steps, n, strength)
-        request = Request(tuple(prompts), tuple(negatives) if negatives else None, width, height, steps, cfg_scale,
-                          seed, latents, pictures, picture, strength, tuple(hooks))
+        request = make_request(self.variant, self.transformer.config.in_channels, self.scheduler.fixed_steps,
+                               prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+                               steps=steps, cfg_scale=cfg_scale, seed=seed, latents=latents, images=images,
+                               image=image, strength=strength, hooks=hooks)
+        config = self.transformer.config
+        message = memory.refuse_size(request.width, request.height, request.cfg_scale > 1, config.inner_dim,
+                                     config.num_attention_heads)
+        if message:
+            raise ValueError(message)
+        schedule = self.scheduler.schedule(request.steps, (request.height // 16) * (request.width // 16),
+                                           request.strength)
         return Run(self, request, schedule, self.low_memory if low_memory is None else low_memory)
 
     def sample(self, conditioning: Conditioning, steps: int, seed: int = 0, latents=None, low_memory=None) -> Run:
@@ -379,13 +343,18 @@ class QwenImagePipeline:
         """The core loop, on the MLX owner thread: build the conditioning, then one transformer call per step
         ([cond; uncond] stacked under CFG), the Euler step, the hooks; yields the evaluated latents."""
         req, schedule, stats = run.request, run.schedule, run.stats
-        with runtime.wired_limit():
+        @contextlib.contextmanager
+        def phase(name):
+            run.tell(name)
             start = _phase_start()
-            cond = run.conditioning or builder(req)(self, req)
-            if run.low_memory:
+            yield
+            if name == "text_encoder" and run.low_memory:  # staged: never beside the transformer's loop
                 self.free_text_encoder()
-            _phase(stats, "conditioning", start)
+            _phase(stats, name, start)
 
+        with runtime.wired_limit():
+            cond = run.conditioning or builder(req)(self, req, phase)
+            run.tell("denoise")
             start = _phase_start()
             x = self._noise(req, cond.image_tokens)
             if cond.start is not None:
@@ -438,20 +407,39 @@ class QwenImagePipeline:
         channels = self.transformer.config.in_channels
         return mx.stack([mx.random.normal((n, channels), key=mx.random.key(req.seed + i)) for i in range(req.batch)])
 
-    def decode(self, latents: mx.array, width: int, height: int, output: str = "pil"):
-        """Packed latents -> a list of PIL images, or (B, H, W, 3) float32 numpy in [0, 1] for "np"."""
+    def decode(self, latents, width: int, height: int, output: str = "pil"):
+        """Packed latents (mx or numpy) -> a list of PIL images, or (B, H, W, 3) float32 numpy in [0, 1] for
+        "np". Non-finite latents are a `NonFiniteError`: never a black picture."""
         if output not in ("pil", "np"):
             raise ValueError(f"output must be 'pil' or 'np', got {output!r}")
+        latents = latents if isinstance(latents, mx.array) else mx.array(np.asarray(latents, dtype=np.float32))
+        n = (height // 16) * (width // 16)
+        if latents.ndim != 3 or latents.shape[1] != n:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected (batch, {n}, C) for "
+                             f"{width}x{height}")
         with self._lock:
             return runtime.call(self._decode, latents, width, height, output, {})
 
     def _decode(self, latents, width, height, output, stats):
+        _check_finite(latents, "the denoised latents")
         start = _phase_start()
         z = self.vae.denormalize_latents(unpack_latents(latents, height, width).astype(self.vae.dtype))
         x = self.vae.decode(z)
         mx.eval(x)
+        _check_finite(x, "the decoded picture")
         _phase(stats, "decode", start)
         return array_to_pil(x) if output == "pil" else array_to_numpy(x)
+
+
+class NonFiniteError(RuntimeError):
+    """A run produced NaN or infinite values; no picture is made from them."""
+
+
+def _check_finite(x: mx.array, what: str):
+    if not mx.all(mx.isfinite(x)).item():
+        raise NonFiniteError(f"{what} hold NaN or infinite values, so no picture was made; likely causes: a LoRA (try "
+                             "it at a lower scale, or without it), a float16 overflow (use bfloat16), or a damaged "
+                             "checkpoint (download or convert it again)")
 
 
 def _phase_start() -> float:
@@ -462,7 +450,3 @@ def _phase_start() -> float:
 def _phase(stats: dict, name: str, start: float):
     stats[name] = {"seconds": time.perf_counter() - start, "peak_memory": mx.get_peak_memory()}
 
-
-def _as_list(images) -> list:
-    return [images] if isinstance(images, (str, Path)) or hasattr(images, "size") and hasattr(images, "mode") \
-        else list(images)

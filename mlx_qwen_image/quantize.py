@@ -91,6 +91,15 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
 
 
+def quantized_bits(model: nn.Module) -> int | None:
+    """The bits most of a model's quantized layers use (None when nothing is quantized)."""
+    counts: dict[int, int] = {}
+    for _, m in model.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            counts[m.bits] = counts.get(m.bits, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
 def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
     """Quantize ``model``'s layers in place as ``plan`` says (lazily: nothing is evaluated)."""
     nn.quantize(model, class_predicate=lambda path, module: dict(plan[path]) if path in plan else False)

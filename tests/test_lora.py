@@ -211,6 +211,25 @@ def test_parse_lora_arg():
     assert parse_lora_arg("style.safetensors") == ("style.safetensors", 1.0)
     assert parse_lora_arg("style.safetensors:0.6") == ("style.safetensors", 0.6)
     assert parse_lora_arg("C:/loras/x.safetensors:-1") == ("C:/loras/x.safetensors", -1.0)
+    for bad, message in (("x.safetensors:abc", "the scale 'abc' is not a number"),
+                         ("x.safetensors:nan", "must be a finite number, got nan"),
+                         ("x.safetensors:inf", "must be a finite number"), ("x.safetensors:1e400", "finite")):
+        with pytest.raises(ValueError, match=message):
+            parse_lora_arg(bad)
+
+
+def test_non_finite_and_integer_loras_are_refused(base, tmp_path):
+    rng = np.random.default_rng(0)
+    good = {"transformer.img_in.lora_A.weight": rng.normal(size=(2, 16)).astype(np.float32),
+            "transformer.img_in.lora_B.weight": rng.normal(size=(32, 2)).astype(np.float32)}
+    nan = dict(good, **{"transformer.img_in.lora_B.weight": np.full((32, 2), np.nan, np.float32)})
+    ints = dict(good, **{"transformer.img_in.lora_A.weight": np.ones((2, 16), np.int32)})
+    for tensors, message in ((nan, "hold NaN or infinite values"), (ints, "hold integer tensors")):
+        save_file(tensors, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(ValueError, match=message):
+            load_lora(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="LoRA scale nan .* must be a finite number"):
+        apply_lora(_ours(base), [(good, float("nan"))])
 
 
 def _quantize(model):

@@ -111,10 +111,10 @@ def test_seeds_and_low_memory(pipes):
     assert np.abs(a - c).max() > 1e-3 and np.abs(a - d).max() > 1e-3
     run = ours.denoise("another prompt", width=32, height=32, steps=2, seed=7)
     np.testing.assert_array_equal(d, run.complete("np")[0])
-    assert set(run.stats) == {"conditioning", "modulation_table", "steps", "denoise", "decode"}
+    assert set(run.stats) == {"text_encoder", "modulation_table", "steps", "denoise", "decode"}
     assert len(run.stats["steps"]) == 2 and not hasattr(ours, "stats")  # the run's own stats, not the pipeline's
-    # The last run reused the cached prompt features: its conditioning phase allocated nothing.
-    assert run.stats["conditioning"]["peak_memory"] == 0
+    # The last run reused the cached prompt features: its text phase allocated nothing.
+    assert run.stats["text_encoder"]["peak_memory"] == 0
     assert run.stats["denoise"]["peak_memory"] > 0 and run.stats["decode"]["peak_memory"] > 0
 
 
@@ -131,7 +131,18 @@ def test_pil_output(pipes):
         (dict(height=8), "multiple of 16; use 16"),
         (dict(steps=0), "steps must be at least 1"),
         (dict(cfg_scale=0.5), "cfg_scale must be a number of at least 1"),
-        (dict(cfg_scale=float("nan")), "cfg_scale must be a number of at least 1"),
+        (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number, got nan"),
+        (dict(cfg_scale=float("inf")), "cfg_scale must be a finite number, got inf"),
+        (dict(width=0), "width 0 is not a multiple of 16; use 16"),
+        (dict(width=32.0), "width must be an integer, got 32.0"),
+        (dict(steps=2.5), "steps must be an integer, got 2.5"),
+        (dict(seed=None), "seed must be an integer, got None"),
+        (dict(prompt=None), "prompt must be a string or a non-empty list of strings, got None"),
+        (dict(prompt=b"bytes"), "prompt must be a string or a non-empty list of strings, got b'bytes'"),
+        (dict(prompt=["a", None]), "prompt must be a string or a non-empty list of strings"),
+        (dict(prompt="bad \udc80 text"), "prompt is not valid text: it holds .* at position 4 .*not UTF-8"),
+        (dict(negative_prompt=7, cfg_scale=2.0), "negative_prompt must be a string"),
+        (dict(width=100000, height=100000), "needs about .* GB for the run's activations alone .* the largest size"),
         (dict(images=["a.png"]), r"takes no edit pictures; it does text-to-image and img2img"),
         (dict(prompt=[]), "non-empty list of strings"),
         (dict(latents=np.zeros((1, 3, 16), np.float32)), "latents have shape"),
@@ -216,7 +227,9 @@ def test_img2img_default_size_progress_and_bad_strength(pipes):
     image = Image.new("RGB", (300, 200), (200, 30, 30))
     v = ours.variant
     assert output_size(v, None, None, image) == (1248, 832)  # the picture's aspect at ~1024x1024, sides / 32
-    assert output_size(v, 64, None, image) == (64, 832) and output_size(v, None, None) == (1024, 1024)
+    assert output_size(v, None, None) == (1024, 1024)
+    assert output_size(v, 64, None, image) == (64, 48) and output_size(v, None, 64, image) == (96, 64)  # the aspect kept
+    assert output_size(v, 64, None) == (64, 64)
     calls = []
     ours.generate("x", image=image, width=32, height=32, steps=4, strength=0.5, cfg_scale=1.0, output="np",
                   progress=lambda done, total: calls.append((done, total)))
