@@ -12,9 +12,12 @@ an interrupted conversion leaves no destination, and the partial folder has no m
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,7 +26,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_qwen_image import __version__
-from mlx_qwen_image.config import read_json
+from mlx_qwen_image.config import naming, read_json
 from mlx_qwen_image.loading import CheckpointError, is_repo_id, load_shard, shard_files
 from mlx_qwen_image.quantize import (RECIPE, plan_bytes, quantization_block, quantize_weight,
                                      text_encoder_plan, transformer_plan)
@@ -75,6 +78,9 @@ def convert(source: str | Path, output: str | Path, bits: int | None = None, gro
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"cannot write {dest}: folder {parent} is not writable")
     root, variant = locate(source)
+    if _inside(dest, root):
+        raise CheckpointError(f"--output {dest} is inside the source checkpoint {root}; write it somewhere else")
+    _validate_source(root, variant)
     index = read_json(root / "model_index.json")
     # The components with weights, as the registry says the variant has them; every other folder is copied.
     jobs = [Component(name, variant.model_class(name), root / name, build=variant.build_options(name))
@@ -88,9 +94,11 @@ def convert(source: str | Path, output: str | Path, bits: int | None = None, gro
         raise CheckpointError(f"not enough disk space in {parent}: the conversion writes about {need / 1e9:.1f} GB, "
                               f"{free / 1e9:.1f} GB are free")
 
-    tmp = parent / f".{dest.name}.partial-{os.getpid()}"
+    _remove_stale_partials(parent, dest.name, log)
+    tmp = parent / f"{_PARTIAL.format(name=dest.name)}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    previous = _on_sigterm()
     try:
         t0 = time.perf_counter()
         for job in jobs:
@@ -119,9 +127,76 @@ def convert(source: str | Path, output: str | Path, bits: int | None = None, gro
         os.rename(tmp, dest)
         log(f"wrote {dest} in {time.perf_counter() - t0:.0f} s")
         return summary
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise CheckpointError(f"the disk holding {parent} filled up during the conversion (it writes about "
+                                  f"{need / 1e9:.1f} GB); the partial output was removed: free space and run it "
+                                  "again") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+_PARTIAL = ".{name}.partial-"  # + the converting process's id
+
+
+def _inside(dest: Path, root: Path) -> bool:
+    try:
+        dest.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _validate_source(root: Path, variant):
+    """The checks loading runs, on the parts the converter copies as they are: nothing is written for a source
+    whose tokenizer, processor or scheduler config could not load."""
+    from mlx_qwen_image.image_processor import QwenImageProcessor
+    from mlx_qwen_image.scheduler import scheduler_from_config
+    from mlx_qwen_image.tokenizer import QwenTokenizer
+
+    QwenTokenizer.from_pretrained(root / "tokenizer")
+    if variant.vision:
+        QwenImageProcessor.from_pretrained(root / "processor")
+    scheduler_file = root / "scheduler" / "scheduler_config.json"
+    with naming(scheduler_file):
+        scheduler_from_config(read_json(scheduler_file))
+
+
+def _remove_stale_partials(parent: Path, name: str, log):
+    """Partial outputs of conversions to ``name`` whose process is gone (killed, or the machine restarted)."""
+    prefix = _PARTIAL.format(name=name)
+    for folder in parent.glob(prefix + "*"):
+        pid = folder.name[len(prefix):]
+        if folder.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            log(f"removed {folder}, left by an earlier conversion that did not finish")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _on_sigterm():
+    """While converting, SIGTERM unwinds like Ctrl-C, so the partial output is removed; returns the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 class Component:
@@ -133,7 +208,8 @@ class Component:
         ``build``: the registry's ``from_config`` options for this component."""
         self.name, self.folder = name, folder
         self.config = read_json(folder / "config.json")
-        self.model = cls.from_config(self.config, **(build or {}))  # lazy: no parameter is allocated
+        with naming(folder / "config.json"):
+            self.model = cls.from_config(self.config, **(build or {}))  # lazy: no parameter is allocated
         if shards is None:
             shards = [(file, load_shard(file)) for file in shard_files(folder)]
         self.files = [file for file, _ in shards]
@@ -165,6 +241,10 @@ class Component:
                 file, source_name = self.origin.get(name, (self.folder, name))
                 raise CheckpointError(f"{file}: tensor {source_name} has shape {tuple(weights[name].shape)}, "
                                       f"{self.name}/config.json needs {tuple(ref.shape)}")
+            if mx.issubdtype(ref.dtype, mx.floating) and not mx.issubdtype(weights[name].dtype, mx.floating):
+                file, source_name = self.origin.get(name, (self.folder, name))
+                raise CheckpointError(f"{file}: tensor {source_name} holds integers ({weights[name].dtype}) where "
+                                      "the model has float weights")
         for name in weights:
             if name not in self.expected:
                 file, source_name = self.origin.get(name, (self.folder, name))

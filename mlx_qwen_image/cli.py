@@ -9,6 +9,7 @@ replace an existing file unless asked.
 from __future__ import annotations
 
 import functools
+import math
 import random
 import sys
 import time
@@ -60,7 +61,11 @@ class Group(click.Group):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as e:
-            where = e.ctx.command_path if e.ctx else "mlx-qwen-image"
+            names, ctx = [], e.ctx
+            while ctx is not None and ctx.parent is not None:  # the subcommands, whatever the program was called
+                names.insert(0, ctx.info_name)
+                ctx = ctx.parent
+            where = " ".join(["mlx-qwen-image"] + names)
             click.echo(f"Error: {e.format_message()} (see {where} --help)", err=True)
             code = 2
         except click.ClickException as e:
@@ -190,7 +195,7 @@ class Job:
             cfg_scale = 1.0 if cfg_scale is None else cfg_scale
         if steps is not None and steps < 1:
             raise UsageError(f"--steps {steps}: at least 1 step is needed")
-        if cfg_scale is not None and not cfg_scale >= 1:
+        if cfg_scale is not None and not (math.isfinite(cfg_scale) and cfg_scale >= 1):
             raise UsageError(f"--cfg-scale {cfg_scale}: must be a number of at least 1 (1 turns CFG off)")
         if num_images < 1:
             raise UsageError(f"--num-images {num_images}: must be at least 1")
@@ -212,24 +217,37 @@ class Job:
         self.start = time.perf_counter()
         self.peak = 0
 
-    def check_model(self, edits: bool, pictures: int = 0, width=1024, height=1024):
-        """Refuse a missing, incomplete or wrong-kind local checkpoint before loading; warn when it cannot fit."""
+    def check_model(self, edits: bool, pictures: int = 0):
+        """Refuse a missing, incomplete or wrong-kind local checkpoint before loading, and more pictures than it
+        takes; returns its variant (for a Hub repo not yet downloaded, the command's default one)."""
         from .loading import is_repo_id
-        from .memory import too_large
-        from .variants import DEFAULT_EDIT, DEFAULT_TEXT_TO_IMAGE, locate
+        from .variants import DEFAULT_EDIT, DEFAULT_TEXT_TO_IMAGE, VARIANTS, locate
 
         variant = DEFAULT_EDIT if edits else DEFAULT_TEXT_TO_IMAGE
+        most = max(v.max_images for v in VARIANTS.values())
         if not is_repo_id(self.model):
-            _, variant = locate(self.model)
+            _, variant = locate(self.model, variant)
             if variant.edits != edits:
                 kind, command = ("an image-editing", "edit --image FILE") if variant.edits else \
                     ("a text-to-image", "generate")
                 raise UsageError(f"{self.model} is {kind} checkpoint ({variant.class_name}): use "
                                  f"`mlx-qwen-image {command}`")
-            if pictures > variant.max_images:
-                raise UsageError(f"{pictures} pictures given; this checkpoint ({variant.class_name}) takes at most "
-                                 f"{variant.max_images}")
+            most = variant.max_images
+        if pictures > most:
+            which = f"this checkpoint ({variant.class_name})" if not is_repo_id(self.model) else "the editing models"
+            raise UsageError(f"{pictures} pictures given; {which} takes at most {most}")
+        return variant
+
+    def check_size(self, variant, width=None, height=None, image=None, images=()):
+        """Refuse a size whose activations cannot fit before loading; warn when the whole run may not fit."""
+        from .conditioning import output_size
+        from .memory import refuse_size, too_large
+
         cfg = (self.cfg_scale if self.cfg_scale is not None else variant.cfg_scale) > 1
+        width, height = output_size(variant, width, height, image, images)
+        refusal = refuse_size(width, height, cfg)
+        if refusal:
+            raise UsageError(refusal)
         warning = too_large(self.model, self.quantize, width, height, cfg, self.low_memory, self.dtype,
                             self.text_encoder_bits, variant)
         if warning:
@@ -329,7 +347,7 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
         width, height = ASPECTS[aspect]
     job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
               text_encoder_bits, loras, lightning)
-    job.check_model(edits=False, width=width or 1024, height=height or 1024)
+    job.check_size(job.check_model(edits=False), width, height, image=picture)
     pipe = job.load()
     for path, s in zip(job.paths, job.seeds):
         run = pipe.denoise(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=job.steps,
@@ -359,8 +377,9 @@ def edit(prompt, images, model, width, height, steps, cfg_scale, negative_prompt
             raise UsageError(f"--{name} {v} is not a multiple of 16; use {_nearest16(v)}")
     job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
               text_encoder_bits, loras, lightning)
-    job.check_model(edits=True, pictures=len(images), width=width or 1024, height=height or 1024)
+    variant = job.check_model(edits=True, pictures=len(images))
     pictures = [_open_image(p) for p in images]
+    job.check_size(variant, width, height, images=pictures)
     pipe = job.load()
     for path, s in zip(job.paths, job.seeds):
         run = pipe.denoise(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=job.steps,

@@ -57,6 +57,7 @@ class Variant:
     size: tuple[int, int] = (1024, 1024)
     transformer_params: int = 20_430_401_088
     text_encoder_params: int = 7_070_619_136  # the language model, without the vision tower and lm_head
+    download_bytes: int = 57_690_000_000  # what a first run downloads: the bf16 transformer, text encoder and VAE
 
     @property
     def edits(self) -> bool:
@@ -122,14 +123,24 @@ def read_variant(root: Path) -> Variant:
     return lookup(name if isinstance(name, str) else repr(name), root)
 
 
-def locate(path_or_repo_id: str | Path) -> tuple[Path, Variant]:
+def locate(path_or_repo_id: str | Path, expected: Variant = DEFAULT_TEXT_TO_IMAGE) -> tuple[Path, Variant]:
     """The checkpoint folder and its variant, checked complete: a local folder, or a Hub repo downloaded with only
-    the components its variant needs (``model_index.json`` first, to know which)."""
-    if is_repo_id(path_or_repo_id):
-        variant = read_variant(download(str(path_or_repo_id)))
-        root = download(str(path_or_repo_id), variant.components)
-    else:
+    the components its variant needs (``model_index.json`` first, to know which). ``expected`` is the variant a
+    download is assumed to be when the Hub cannot be reached, for the size it would take."""
+    if not is_repo_id(path_or_repo_id):
         root = local_folder(path_or_repo_id)
         variant = read_variant(root)
-    check_layout(root, variant.components)
+        check_layout(root, variant.components)
+        return root, variant
+    repo = str(path_or_repo_id)
+    try:
+        variant = read_variant(download(repo))
+        root = download(repo, variant.components)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; the first run downloads about {expected.download_bytes / 1e9:.0f} GB (the "
+                              "bf16 weights: --quantize quantizes them after the download)") from None
+    try:
+        check_layout(root, variant.components)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (the download stopped part-way: run again to resume it)") from None
     return root, variant

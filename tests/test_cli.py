@@ -212,3 +212,80 @@ def test_edit_command(edit_model, model, tmp_path, monkeypatch):
     _refused(generate(edit_model, tmp_path / "y.png"),
              "is an image-editing checkpoint (QwenImageEditPlusPipeline): use `mlx-qwen-image edit --image FILE`")
     assert not (tmp_path / "y.png").exists()
+
+
+def _one_line(result, code, message):
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == code, result.output
+    assert len(lines) == 1 and "Traceback" not in result.output and message in lines[0], result.output
+
+
+def test_command_line_mistakes_are_one_line_with_exit_2(model, tmp_path):
+    _one_line(run("generate", "x", "--bogus"), 2,
+              "Error: No such option '--bogus'. (see mlx-qwen-image generate --help)")
+    _one_line(run("generate", "x", "--steps", "many"), 2, "'many' is not a valid integer")
+    _one_line(run("nonsense"), 2, "No such command 'nonsense'")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--cfg-scale", "inf"), "--cfg-scale inf: must be a number of at least 1"),
+    (("--lora", "style.safetensors:nan"), "the scale must be a finite number, got nan"),
+    (("--lora", "style.safetensors:abc"), "the scale 'abc' is not a number"),
+    (("--seed", 2**63 - 1), "--seed 9223372036854775807: must be in [0, 2**63 - --num-images)"),
+    (("--seed", 2**63 - 2, "--num-images", 2), "must be in [0, 2**63 - --num-images)"),
+    (("--width", 100000, "--height", 64), "the largest size of this aspect that fits is"),
+    (("--width", 100000, "--height", 100000), "for the run's activations alone"),
+])
+def test_more_bad_options_are_refused_before_loading(model, tmp_path, extra, message):
+    out = tmp_path / "x.png"
+    _one_line(generate(model, out, *extra), 1, message)
+    assert not out.exists()
+
+
+def test_an_output_that_is_a_folder_is_refused(model, tmp_path):
+    (tmp_path / "x.png").mkdir()
+    _one_line(generate(model, tmp_path / "x.png", "--overwrite"), 1, "is a folder; give a file name ending in .png")
+
+
+def test_ctrl_c_exits_130(model, tmp_path, monkeypatch):
+    from mlx_qwen_image.pipeline import QwenImagePipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(QwenImagePipeline, "from_pretrained", interrupted)
+    _one_line(generate(model, tmp_path / "x.png"), 130, "interrupted")
+
+
+def test_progress_phases_and_warnings_in_a_log(model, tmp_path):
+    long_prompt = "a very long prompt " * 300  # beyond the 1019 prompt tokens that fit: cut, with a warning
+    result = run("generate", long_prompt, "--model", model, "--width", 32, "--steps", 2, "--dtype", "float32",
+                 "--seed", 1, "--output", tmp_path / "x.png")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "\r" not in result.output  # not a terminal: one line per step
+    assert any(line.startswith("seed 1 [") and " 1/2 " in line for line in lines)
+    assert any(line.startswith("seed 1 [") and " 2/2 " in line for line in lines)
+    assert "seed 1: encoding the prompt" in lines and "seed 1: decoding the image" in lines
+    warning = next(line for line in lines if line.startswith("warning:"))
+    assert "tokens were cut" in warning and "UserWarning" not in result.output and ".py:" not in result.output
+    saved = next(line for line in lines if line.startswith("saved"))
+    assert "prompt" in saved and "2 steps" in saved and "decode" in saved
+    assert Image.open(tmp_path / "x.png").size == (32, 32)  # --width alone: the square aspect kept
+
+
+def test_a_run_that_produces_nans_writes_no_file(model, tmp_path):
+    lora = _lora_file(tmp_path / "huge.safetensors")
+    out = tmp_path / "x.png"
+    result = generate(model, out, "--lora", f"{lora}:1e38")  # finite, but the fused weights overflow
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1].startswith(
+        "Error: the denoised latents hold NaN or infinite values, so no picture was made; likely causes: a LoRA")
+    assert not out.exists() and list(tmp_path.iterdir()) == [lora]
+
+
+def test_lightning_without_a_lora_gives_a_hint(model, tmp_path):
+    result = run("generate", "x", "--model", model, "--width", 32, "--height", 32, "--dtype", "float32",
+                 "--lightning", 4, "--output", tmp_path / "l.png")
+    assert result.exit_code == 0, result.output
+    assert "note: --lightning sets the Lightning schedule, which expects the Lightning LoRA" in result.output

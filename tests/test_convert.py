@@ -2,6 +2,7 @@
 full-size names, and its safety (no overwrite, nothing left by a failed run, bad sources named)."""
 
 import json
+import os
 import shutil
 
 import mlx.core as mx
@@ -324,3 +325,61 @@ def test_baked_lora_and_lightning_scheduler(source, tmp_path):
     result = CliRunner().invoke(cli, ["convert", "--model", str(source), "--output", str(tmp_path / "never"),
                                       "--lora", str(tmp_path / "bad.safetensors")])
     assert result.exit_code == 1 and "match no" in result.output and not (tmp_path / "never").exists()
+
+
+def test_a_full_disk_the_source_as_output_and_stale_partials(source, tmp_path, monkeypatch):
+    import errno
+
+    def full(path, tensors):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(converter, "write_shard", full)
+        result = CliRunner().invoke(cli, ["convert", "--model", str(source), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "filled up during the conversion" in result.output and list(tmp_path.iterdir()) == []
+    with pytest.raises(CheckpointError, match="is inside the source checkpoint"):
+        convert(source, source / "vae" / "mlx")
+    # A partial folder of a process that is gone is removed by the next conversion; a live one's is not.
+    dead = tmp_path / f".out.partial-{2**22 + 12345}"  # above Linux's and macOS's largest process id
+    alive = tmp_path / f".out.partial-{os.getppid()}"  # another conversion still running, as far as we know
+    dead.mkdir()
+    alive.mkdir()
+    log = []
+    convert(source, tmp_path / "out", log=log.append)
+    assert not dead.exists() and alive.exists() and any("left by an earlier conversion" in line for line in log)
+    assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+def test_sigterm_removes_the_partial_output(source, tmp_path):
+    """A real process, killed with SIGTERM half-way: nothing is left (the partial folder is removed)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time\n"
+        "import mlx_qwen_image.convert.converter as c\n"
+        "real = c.write_shard\n"
+        "def slow(path, tensors):\n"
+        "    real(path, tensors); print('shard', flush=True); time.sleep(60)\n"
+        "c.write_shard = slow\n"
+        "c.convert(sys.argv[1], sys.argv[2], max_shard_bytes=10**6)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(source), str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "shard"  # a shard is written: the partial folder exists
+    assert any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(0.1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_on_an_already_quantized_checkpoint(converted):
+    with pytest.raises(ValueError, match=r"already quantized \(4-bit\): quantize=8 cannot change that"):
+        QwenImagePipeline.from_pretrained(converted / "q4", quantize=8)
+    pipe = QwenImagePipeline.from_pretrained(converted / "q4", quantize=4)  # the same bits: nothing to do
+    assert pipe.quantization == "4-bit"
+    assert QwenImagePipeline.from_pretrained(converted / "bf16").quantization == "none"
