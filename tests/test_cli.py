@@ -235,6 +235,7 @@ def test_command_line_mistakes_are_one_line_with_exit_2(model, tmp_path):
     (("--seed", 2**63 - 2, "--num-images", 2), "must be in [0, 2**63 - --num-images)"),
     (("--width", 100000, "--height", 64), "the largest size of this aspect that fits is"),
     (("--width", 100000, "--height", 100000), "for the run's activations alone"),
+    (("--negative-prompt", "bad \udc80"), "negative_prompt is not valid text"),
 ])
 def test_more_bad_options_are_refused_before_loading(model, tmp_path, extra, message):
     out = tmp_path / "x.png"

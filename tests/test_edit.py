@@ -136,6 +136,11 @@ def test_edit_plus_equals_diffusers(checkpoints, small_areas, key):
     other = ours.generate("put the cat on the sofa", images=pictures[:1], width=width, height=height, steps=steps,
                           cfg_scale=4.0, latents=latents, output="np")
     assert rel_err(other - 0.5, expected[0] - 0.5) > 1e-2
+    # The pictures' VAE encode is a phase of its own, evaluated before the first step.
+    run = ours.denoise("put the cat on the sofa", images=pictures, width=width, height=height, steps=1, seed=0)
+    list(run)
+    assert {"text_encoder", "picture_encode", "denoise"} <= set(run.stats)
+    assert run.stats["picture_encode"]["peak_memory"] > 0
     # The alias gives the same arrays.
     alias = QwenImageEditPipeline.from_pretrained(folder, dtype="float32")
     np.testing.assert_array_equal(alias.edit("put the cat on the sofa", pictures, width=width, height=height,

@@ -49,3 +49,14 @@ def test_locate_checks_the_components_of_the_variant(tiny_checkpoint, tmp_path):
     (edit / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageEditPlusPipeline"}))
     with pytest.raises(CheckpointError, match="missing processor/"):  # editing needs the processor folder
         locate(edit)
+
+
+def test_a_half_downloaded_snapshot_says_to_download_again(tiny_checkpoint, tmp_path, monkeypatch):
+    import mlx_qwen_image.variants as variants
+
+    partial = tmp_path / "snapshot"
+    shutil.copytree(tiny_checkpoint[0], partial)
+    shutil.rmtree(partial / "vae")
+    monkeypatch.setattr(variants, "download", lambda repo, components=None: partial)
+    with pytest.raises(CheckpointError, match=r"missing vae/ \(the download stopped part-way: run again to resume"):
+        locate("someone/some-model")
