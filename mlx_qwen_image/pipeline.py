@@ -23,7 +23,7 @@ import numpy as np
 from . import memory, runtime
 from .conditioning import (Conditioning, Request, builder, check_prompts, edit_pictures, make_request,
                            pictures_list)
-from .config import read_json
+from .config import naming, read_json
 from .image import array_to_numpy, array_to_pil, pil_to_array
 from .image_processor import QwenImageProcessor
 from .loading import lazy_weights, load_model, quantize_model
@@ -194,8 +194,10 @@ class QwenImagePipeline:
         dt = _dtype(dtype)
         root, variant = locate(path_or_repo_id)
         cls._check_variant(root, variant)
-        scheduler = scheduler_from_config(scheduler_config if scheduler_config is not None
-                                          else read_json(root / "scheduler" / "scheduler_config.json"))
+        scheduler_file = root / "scheduler" / "scheduler_config.json"
+        with naming("scheduler_config" if scheduler_config is not None else scheduler_file):
+            scheduler = scheduler_from_config(scheduler_config if scheduler_config is not None
+                                              else read_json(scheduler_file))
         pipe = runtime.call(cls._load, root, variant, dt, quantize, list(loras), text_encoder_bits, scheduler)
         pipe.low_memory = low_memory
         return pipe

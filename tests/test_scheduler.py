@@ -91,3 +91,9 @@ def test_fixed_sigmas_from_the_config_and_the_class_name():
     with pytest.raises(ValueError, match="scheduler DPMSolverMultistepScheduler is not supported"):
         scheduler_from_config({"_class_name": "DPMSolverMultistepScheduler"})
     assert scheduler_from_config(CONFIG).fixed_steps is None
+
+
+def test_the_shift_stays_in_range_for_huge_images():
+    ours = FlowMatchEulerScheduler.from_config(CONFIG)
+    s = ours.sigmas(10, 39_062_500)  # 100000x100000: mu ~ 1900, whose exp overflows a float
+    assert np.isfinite(s).all() and s[0] == 1.0 and (np.diff(s) <= 0).all()
