@@ -116,8 +116,9 @@ class FlowMatchEulerScheduler:
                 s = mu / (mu + (1 / s - 1))
         else:
             s = c.shift * s / (1 + (c.shift - 1) * s)
-        # With a single step the only sigma is 1 and the stretch is 0/0 (NaN in the reference): skip it.
-        if c.shift_terminal and steps > 1:
+        # With a single step (or a shift so large that every sigma rounds to 1) the stretch is 0/0 (NaN in the
+        # reference): skip it.
+        if c.shift_terminal and steps > 1 and s[-1] < 1:
             one_minus = 1 - s
             s = 1 - one_minus / (one_minus[-1] / (1 - c.shift_terminal))
         return np.append(s.astype(np.float32), np.float32(0.0))
