@@ -77,7 +77,7 @@ def parse_args(argv=None, prog: str = "python -m benchmarks.bench") -> argparse.
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-modulation-weights", action="store_true",
-                   help="keep the timestep-path weights during the steps (a run without low_memory)")
+                   help="keep the timestep-path weights during the steps (pipe.free_timestep_weights = False)")
     p.add_argument("--no-compile", action="store_true", help="run the block's elementwise tails uncompiled")
     p.add_argument("--no-text-encoder", action="store_true")
     p.add_argument("--no-vae", action="store_true")
@@ -196,6 +196,7 @@ def bench_transformer(args, dtype, cfg: TransformerConfig, n_img: int, reference
     model.mark_timestep_path()
     pipe = QwenImagePipeline(transformer=model, scheduler=FlowMatchEulerScheduler(),
                              timestep_source=RandomTimestepWeights())
+    pipe.free_timestep_weights = not args.keep_modulation_weights
     rng = np.random.default_rng(args.seed)
     L = args.text_tokens
     txt = mx.array(rng.standard_normal((2, L, cfg.joint_attention_dim)).astype(np.float32)).astype(dtype)
@@ -208,7 +209,7 @@ def bench_transformer(args, dtype, cfg: TransformerConfig, n_img: int, reference
         cond = Conditioning(txt[:rows], mask[:rows], 1, args.width, args.height, 4.0 if cfg_on else 1.0,
                             [(1, args.height // 16, args.width // 16)])
         _free()
-        run = pipe.sample(cond, steps, seed=args.seed, low_memory=not args.keep_modulation_weights)
+        run = pipe.sample(cond, steps, seed=args.seed)
         rates = []
         for i, _ in enumerate(run):
             if i == 0 and cfg_on:

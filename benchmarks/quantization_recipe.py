@@ -38,25 +38,26 @@ from mlx_qwen_image.quantize import (  # noqa: E402
 
 GROUPS = ("img_in", "io", "time", "mod", "first", "last", "body")
 IO = ("txt_in", "norm_out.linear", "proj_out")
-FLOAT_EDGES = {"img_in": None, "io": None, "time": None}  # = mlx_qwen_image.quantize.RECIPE
+FLOAT_EDGES = {"img_in": None, "io": None, "time": None}
+CHOSEN = {**FLOAT_EDGES, "mod": 8, "first": 8, "last": 8}  # = mlx_qwen_image.quantize.RECIPE
 # (label, bits, recipe, group size). Recipe: group or layer path -> bits (None = float); what is not named gets the
 # base bits. img_in stays float in all but the first rows: the transformer reads its activation dtype from it.
 RECIPES = [
     ("uniform 8-bit", 8, {}, 64),
     ("uniform 4-bit", 4, {}, 64),
     ("8-bit, img_in float", 8, {"img_in": None}, 64),
-    ("8-bit, img_in+io+time float (chosen)", 8, FLOAT_EDGES, 64),
+    ("8-bit, img_in+io+time float (chosen)", 8, CHOSEN, 64),
     ("4-bit, img_in float", 4, {"img_in": None}, 64),
     ("4-bit, io 8", 4, {"img_in": None, "io": 8}, 64),
     ("4-bit, io 8, time 8", 4, {"img_in": None, "io": 8, "time": 8}, 64),
-    ("4-bit, io+time float (chosen)", 4, FLOAT_EDGES, 64),
+    ("4-bit, io+time float (the recipe before)", 4, FLOAT_EDGES, 64),
     ("4-bit, io+time float, mod 8", 4, {**FLOAT_EDGES, "mod": 8}, 64),
     ("4-bit, io+time float, first+last 8", 4, {**FLOAT_EDGES, "first": 8, "last": 8}, 64),
-    ("4-bit, io+time float, mod+first+last 8", 4, {**FLOAT_EDGES, "mod": 8, "first": 8, "last": 8}, 64),
+    ("4-bit, io+time float, mod+first+last 8 (chosen)", 4, CHOSEN, 64),
     ("4-bit, io+time float, mod float", 4, {**FLOAT_EDGES, "mod": None}, 64),
-    ("4-bit chosen, group size 32", 4, FLOAT_EDGES, 32),
-    ("4-bit chosen, group size 128", 4, FLOAT_EDGES, 128),
-    ("8-bit chosen, group size 128", 8, FLOAT_EDGES, 128),
+    ("4-bit chosen, group size 32", 4, CHOSEN, 32),
+    ("4-bit chosen, group size 128", 4, CHOSEN, 128),
+    ("8-bit chosen, group size 128", 8, CHOSEN, 128),
 ]
 _ALL_FLOAT = {g: None for g in GROUPS}
 RECIPES += [(f"only {x} at 4-bit", 4, {**_ALL_FLOAT, x: 4}, 64) for x in IO + GROUPS[2:]]

@@ -42,7 +42,7 @@ GROUP_NAMES = {"img_in": "img_in", "io": "txt_in, norm_out.linear and proj_out",
 def convert(source: str | Path, output: str | Path, bits: int | None = None, group_size: int = 64,
             dtype: str = "bfloat16", text_encoder_bits: int | None = None, transform: Transform | None = None,
             max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable[[str], None] = lambda line: None,
-            loras=(), scheduler_config: dict | None = None) -> list[dict]:
+            loras=(), scheduler_config: dict | None = None, gguf: str | Path | None = None) -> list[dict]:
     """Write the MLX checkpoint of ``source`` (a local folder or Hub repo id) into the new folder ``output``.
 
     ``bits`` quantizes the transformer with the mixed recipe (`mlx_qwen_image.quantize`), ``text_encoder_bits``
@@ -50,9 +50,13 @@ def convert(source: str | Path, output: str | Path, bits: int | None = None, gro
     written in ``dtype``. ``transform`` receives the transformer's float weights (our names, lazy arrays) before
     quantization and returns the weights to write, same names and shapes. ``loras`` ((path, scale) pairs) are
     fused into those float weights before quantization; ``scheduler_config`` replaces the scheduler's config
-    (a Lightning model baked this way loads with its own scheduler).
+    (a Lightning model baked this way loads with its own scheduler). ``gguf``: a GGUF file the transformer's weights
+    come from, written quantized as the file has them (the rest comes from ``source``).
     Returns one summary row per component: name, bytes before and after, parameters, bits per weight.
     """
+    if gguf is not None and (bits or loras or transform):
+        raise ValueError("--gguf writes the file's own quantization: leave out --bits and --lora (bake LoRAs into "
+                         "a float checkpoint)")
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     if text_encoder_bits not in (None, 8):
@@ -77,14 +81,19 @@ def convert(source: str | Path, output: str | Path, bits: int | None = None, gro
         raise CheckpointError(f"cannot write {dest}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"cannot write {dest}: folder {parent} is not writable")
-    root, variant = locate(source)
+    root, variant = locate(source, config_only=("transformer",) if gguf is not None else ())
     if _inside(dest, root):
         raise CheckpointError(f"--output {dest} is inside the source checkpoint {root}; write it somewhere else")
     _validate_source(root, variant)
     index = read_json(root / "model_index.json")
     # The components with weights, as the registry says the variant has them; every other folder is copied.
-    jobs = [Component(name, variant.model_class(name), root / name, build=variant.build_options(name))
+    jobs = [GGUFComponent(name, variant.model_class(name), root / name, Path(gguf).expanduser(),
+                          variant.build_options(name)) if gguf is not None and name == "transformer" else
+            Component(name, variant.model_class(name), root / name, build=variant.build_options(name))
             for name in variant.model_components]
+    for job in jobs:
+        for kind, count in getattr(job, "requantized", {}).items():
+            log(f"{count} {kind} tensors are dequantized and quantized again (MLX has no exact form of {kind})")
     for job in jobs:
         job.plan_for(bits if job.name == "transformer" else text_encoder_bits if job.name == "text_encoder" else None,
                      group_size)
@@ -113,6 +122,9 @@ def convert(source: str | Path, output: str | Path, bits: int | None = None, gro
                         {"_class_name": "FlowMatchEulerDiscreteScheduler", **scheduler_config})
         summary = [job.summary() for job in jobs]
         card = _model_card(source, dest, bits, group_size, dtype, text_encoder_bits, summary, variant)
+        if gguf is not None:
+            card += f"\nThe transformer's weights come from the GGUF file {Path(gguf).name}, repacked into MLX " \
+                    "quantization as mlx-qwen-image's GGUF reader does.\n"
         if loras:
             card += "\nLoRAs fused into the transformer before quantization: " + ", ".join(
                 f"{lora.name}:{scale:g}" for lora, scale in loras) + ".\n"
@@ -293,7 +305,8 @@ class Component:
         self.params = sum(v.size for v in weights.values())
         self.bytes_before = sum(f.stat().st_size for f in self.files)
         # Shards keep the source's file stem: diffusers' diffusion_pytorch_model, transformers' model.
-        stem = "diffusion_pytorch_model" if self.files[0].name.startswith("diffusion_pytorch_model") else "model"
+        stem = "diffusion_pytorch_model" if self.files[0].name.startswith("diffusion_pytorch_model") \
+            or self.name == "transformer" else "model"
         shard, shard_bytes, parts, weight_map = {}, 0, [], {}
         for tensors in self.stream(weights, dtype):
             mx.eval(list(tensors.values()))  # the source tensor is released here: only `tensors` refer to it
@@ -340,6 +353,39 @@ class Component:
         return {"component": self.name, "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
                 "params": self.params, "bits_per_weight": 8 * self.bytes_after / max(self.params, 1),
                 "quantized_layers": len(self.plan)}
+
+
+class GGUFComponent(Component):
+    """The transformer from a GGUF file: its tensors converted one at a time, quantized as the file has them
+    (`mlx_qwen_image.gguf`), under the config of the checkpoint folder's transformer."""
+
+    def __init__(self, name: str, cls, folder: Path, path: Path, build: dict | None = None):
+        from mlx_qwen_image import gguf
+
+        self.name, self.folder, self.files = name, folder, [path]
+        self.config = read_json(folder / "config.json")
+        with naming(folder / "config.json"):
+            self.model = cls.from_config(self.config, **(build or {}))
+        self.weights = gguf.read(path)
+        gguf.check(self.weights, self.model, path)
+        self.plan = gguf.plan_of(self.weights)
+        self.requantized = gguf.requantized_types(self.weights)
+
+    def plan_for(self, bits: int | None, group_size: int):
+        """A GGUF file's quantization is the file's; nothing to plan."""
+
+    def estimate(self, dtype_bytes: int) -> int:
+        return sum(t.data.nbytes for t in self.weights.values())
+
+    def take_weights(self, transform: Transform | None = None) -> dict:
+        weights, self.weights = self.weights, {}
+        return weights
+
+    def stream(self, weights: dict, dtype):
+        from mlx_qwen_image import gguf
+
+        for name in list(weights):
+            yield gguf.convert(weights.pop(name), dtype)[0]
 
 
 def write_shard(path: Path, tensors: dict[str, mx.array]):

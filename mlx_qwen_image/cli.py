@@ -171,7 +171,9 @@ def shared_options(fn):
         click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
                      help="Weights and activations; float32 is the reference-exact mode (twice the memory)."),
         click.option("--low-memory", is_flag=True,
-                     help="Never hold the text encoder and the transformer's timestep weights during denoising."),
+                     help="Free the text encoder once the prompt is encoded (reloaded for the next prompt)."),
+        click.option("--gguf", default=None, metavar="FILE",
+                     help="Take the transformer's weights from a GGUF file (e.g. Q4_K_M); the rest from --model."),
         click.option("--text-encoder-bits", type=click.Choice(["8"]), default=None,
                      help="Quantize the text encoder on load (8-bit: 8.9 GB instead of 14 GB)."),
         click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
@@ -189,7 +191,7 @@ class Job:
     """The checks and bookkeeping generate and edit share: settings, outputs, loading, the step loop."""
 
     def __init__(self, model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
-                 text_encoder_bits, loras, lightning):
+                 gguf, text_encoder_bits, loras, lightning):
         if lightning:
             steps = int(lightning) if steps is None else steps
             cfg_scale = 1.0 if cfg_scale is None else cfg_scale
@@ -214,6 +216,11 @@ class Job:
         self.quantize = int(quantize) if quantize else None
         self.text_encoder_bits = int(text_encoder_bits) if text_encoder_bits else None
         self.lightning = lightning
+        if gguf is not None and not Path(gguf).expanduser().is_file():
+            raise UsageError(f"--gguf {gguf}: no such file")
+        if gguf is not None and quantize:
+            raise UsageError("--gguf: a GGUF file comes quantized as it is; leave out --quantize")
+        self.gguf = None if gguf is None else str(Path(gguf).expanduser())
         self.start = time.perf_counter()
         self.peak = 0
 
@@ -226,7 +233,7 @@ class Job:
         variant = DEFAULT_EDIT if edits else DEFAULT_TEXT_TO_IMAGE
         most = max(v.max_images for v in VARIANTS.values())
         if not is_repo_id(self.model):
-            _, variant = locate(self.model, variant)
+            _, variant = locate(self.model, variant, config_only=("transformer",) if self.gguf else ())
             if variant.edits != edits:
                 kind, command = ("an image-editing", "edit --image FILE") if variant.edits else \
                     ("a text-to-image", "generate")
@@ -249,7 +256,7 @@ class Job:
         if refusal:
             raise UsageError(refusal)
         warning = too_large(self.model, self.quantize, width, height, cfg, self.low_memory, self.dtype,
-                            self.text_encoder_bits, variant)
+                            self.text_encoder_bits, variant, self.gguf)
         if warning:
             click.echo(warning, err=True)
 
@@ -259,7 +266,7 @@ class Job:
 
         pipe = QwenImagePipeline.from_pretrained(
             self.model, quantize=self.quantize, dtype=self.dtype, loras=self.loras,
-            text_encoder_bits=self.text_encoder_bits, low_memory=self.low_memory,
+            text_encoder_bits=self.text_encoder_bits, low_memory=self.low_memory, gguf=self.gguf,
             scheduler_config=LIGHTNING_SCHEDULER_CONFIG if self.lightning else None)
         self.quantization = pipe.quantization
         if self.lightning and not self.loras and not _baked_lightning(pipe.root):
@@ -274,6 +281,7 @@ class Job:
             "negative_prompt": req.negative_prompts[0] if req.negative_prompts else " ",
             "seed": seed, "steps": req.steps, "cfg_scale": req.cfg_scale, "width": run.width, "height": run.height,
             "model": str(self.model), "quantization": self.quantization,
+            **({"gguf": self.gguf} if self.gguf else {}),
             "text_encoder_quantization": f"{self.text_encoder_bits}-bit" if self.text_encoder_bits else "none",
             "dtype": self.dtype,
             "loras": ", ".join(f"{p}:{s:g}" for p, s in self.loras) or "none",
@@ -333,7 +341,7 @@ def _open_image(path):
 @shared_options
 @user_errors
 def generate(prompt, model, width, height, aspect, init_image, strength, steps, cfg_scale, negative_prompt, seed,
-             num_images, output, overwrite, quantize, dtype, low_memory, text_encoder_bits, loras, lightning):
+             num_images, output, overwrite, quantize, dtype, low_memory, gguf, text_encoder_bits, loras, lightning):
     """Generate images from PROMPT (or redraw --image, img2img)."""
     if aspect is not None and (width is not None or height is not None):
         raise UsageError("--aspect sets the size; do not combine it with --width/--height")
@@ -345,7 +353,7 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
     picture = _open_image(init_image) if init_image is not None else None
     if aspect:
         width, height = ASPECTS[aspect]
-    job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
+    job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory, gguf,
               text_encoder_bits, loras, lightning)
     job.check_size(job.check_model(edits=False), width, height, image=picture)
     pipe = job.load()
@@ -370,12 +378,12 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
 @shared_options
 @user_errors
 def edit(prompt, images, model, width, height, steps, cfg_scale, negative_prompt, seed, num_images, output,
-         overwrite, quantize, dtype, low_memory, text_encoder_bits, loras, lightning):
+         overwrite, quantize, dtype, low_memory, gguf, text_encoder_bits, loras, lightning):
     """Edit pictures as PROMPT says (Qwen-Image-Edit, Edit-2509, Edit-2511)."""
     for name, v in (("width", width), ("height", height)):
         if v is not None and (v < 16 or v % 16):
             raise UsageError(f"--{name} {v} is not a multiple of 16; use {_nearest16(v)}")
-    job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
+    job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory, gguf,
               text_encoder_bits, loras, lightning)
     variant = job.check_model(edits=True, pictures=len(images))
     pictures = [_open_image(p) for p in images]
@@ -404,8 +412,10 @@ def edit(prompt, images, model, width, height, steps, cfg_scale, negative_prompt
               help="Bake a LoRA into the transformer before quantization (repeatable).")
 @click.option("--lightning", is_flag=True,
               help="Write the Qwen-Image-Lightning scheduler config (for a baked Lightning LoRA).")
+@click.option("--gguf", default=None, metavar="FILE",
+              help="Take the transformer from a GGUF file, quantized as the file has it; the rest from --model.")
 @user_errors
-def convert_command(source, output, bits, group_size, dtype, text_encoder_bits, loras, lightning):
+def convert_command(source, output, bits, group_size, dtype, text_encoder_bits, loras, lightning, gguf):
     """Convert a checkpoint into an MLX one (float, or 4/8-bit transformer) that loads by itself."""
     from .convert import convert
     from .convert.converter import format_summary
@@ -415,7 +425,7 @@ def convert_command(source, output, bits, group_size, dtype, text_encoder_bits, 
     summary = convert(source, output, bits=int(bits) if bits else None, group_size=int(group_size), dtype=dtype,
                       text_encoder_bits=int(text_encoder_bits) if text_encoder_bits else None,
                       log=lambda line: click.echo(line, err=True), loras=[parse_lora_arg(t) for t in loras],
-                      scheduler_config=LIGHTNING_SCHEDULER_CONFIG if lightning else None)
+                      scheduler_config=LIGHTNING_SCHEDULER_CONFIG if lightning else None, gguf=gguf)
     for line in format_summary(summary):
         click.echo(line)
 

@@ -43,14 +43,14 @@ def is_repo_id(name: str | Path) -> bool:
     return bool(_REPO_ID.match(str(name))) and not Path(name).expanduser().exists()
 
 
-def download(repo_id: str, components=None) -> Path:
+def download(repo_id: str, components=None, config_only=()) -> Path:
     """The Hub snapshot of ``repo_id`` holding ``model_index.json`` and, for each of ``components``, only the
-    files a pipeline reads (configs, safetensors, tokenizer files)."""
+    files a pipeline reads (configs, safetensors, tokenizer files); of ``config_only`` components, the config."""
     from huggingface_hub import snapshot_download
 
     patterns = ["model_index.json"]
     for c in components or ():
-        patterns += [f"{c}/*.json", f"{c}/*.safetensors", f"{c}/*.txt"]
+        patterns += [f"{c}/*.json"] if c in config_only else [f"{c}/*.json", f"{c}/*.safetensors", f"{c}/*.txt"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # the Hub raises many types; all mean "not available"
@@ -61,13 +61,17 @@ def download(repo_id: str, components=None) -> Path:
         ) from None
 
 
-def check_layout(root: Path, components) -> None:
-    """Refuse a checkpoint folder that lacks a file one of ``components`` needs."""
+def check_layout(root: Path, components, config_only=()) -> None:
+    """Refuse a checkpoint folder that lacks a file one of ``components`` needs (only the config for those in
+    ``config_only``, whose weights come from elsewhere)."""
     missing = []
     for c in components:
         folder = root / c
         if not folder.is_dir():
             missing.append(f"{c}/")
+        elif c in config_only:
+            if not (folder / "config.json").is_file():
+                missing.append(f"{c}/config.json")
         elif c == "tokenizer":
             if not (folder / "tokenizer.json").is_file() and not (
                 (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()

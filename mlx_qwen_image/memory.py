@@ -46,14 +46,16 @@ def component_bytes(folder: Path, quantize: int | None, dtype: str, skip=("visua
 
 def estimate_bytes(model, quantize: int | None, width: int, height: int, cfg: bool, low_memory: bool,
                    dtype: str = "bfloat16", text_encoder_bits: int | None = None,
-                   variant: Variant = DEFAULT_TEXT_TO_IMAGE) -> float:
+                   variant: Variant = DEFAULT_TEXT_TO_IMAGE, gguf=None) -> float:
     """Peak bytes of a run: the weights resident at once plus activation headroom. With ``low_memory`` the text
     encoder and the transformer are never resident together. ``variant`` gives the parameter counts of a
-    checkpoint that is not on disk yet."""
+    checkpoint that is not on disk yet; with ``gguf``, the transformer is that file's size."""
     folder = Path(str(model)).expanduser()
     transformer = text = None
+    if gguf is not None and Path(gguf).is_file():
+        transformer = Path(gguf).stat().st_size
     if folder.is_dir():
-        transformer = component_bytes(folder / "transformer", quantize, dtype)
+        transformer = transformer or component_bytes(folder / "transformer", quantize, dtype)
         text = component_bytes(folder / "text_encoder", text_encoder_bits, dtype)
     if transformer is None:
         transformer = variant.transformer_params * bytes_per_param(quantize, dtype)
@@ -115,9 +117,9 @@ def total_memory() -> int | None:
 
 
 def too_large(model, quantize, width, height, cfg, low_memory, dtype="bfloat16", text_encoder_bits=None,
-              variant: Variant = DEFAULT_TEXT_TO_IMAGE) -> str | None:
+              variant: Variant = DEFAULT_TEXT_TO_IMAGE, gguf=None) -> str | None:
     """A one-line warning when a run's estimated peak exceeds 90% of this machine's memory, else None."""
-    need = estimate_bytes(model, quantize, width, height, cfg, low_memory, dtype, text_encoder_bits, variant)
+    need = estimate_bytes(model, quantize, width, height, cfg, low_memory, dtype, text_encoder_bits, variant, gguf)
     have = total_memory()
     if not have or need <= 0.9 * have:
         return None

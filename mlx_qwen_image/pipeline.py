@@ -130,6 +130,8 @@ class Run:
 class _TimestepSource:
     """Where freed timestep-path weights come back from: the checkpoint, with the pipeline's own LoRAs fused."""
 
+    fuses_loras = True
+
     def __init__(self, folder: Path, dtype, loras):
         self.folder, self.dtype, self.loras = folder, dtype, list(loras)
 
@@ -154,7 +156,9 @@ class QwenImagePipeline:
         self.prompts = PromptEncoder(variant, tokenizer, text_encoder, processor)
         self.scheduler = scheduler or scheduler_from_config({})
         self.variant = variant
-        self.low_memory = low_memory  # the default of every run's low_memory
+        self.low_memory = low_memory  # the default of every run's low_memory: free the text encoder after encoding
+        # Free the timestep-path weights (6.8B parameters at full size) for every run's loop; they come back lazily.
+        self.free_timestep_weights = True
         self.loras: list[tuple] = []  # (source, scale) applied through this pipeline
         self._lock = threading.RLock()
         self._timestep_source = timestep_source
@@ -178,13 +182,15 @@ class QwenImagePipeline:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path = DEFAULT_MODEL, quantize: int | None = None,
                         dtype="bfloat16", loras=(), text_encoder_bits: int | None = None,
-                        scheduler_config: dict | None = None, low_memory: bool = False) -> "QwenImagePipeline":
+                        scheduler_config: dict | None = None, low_memory: bool = False,
+                        gguf: str | Path | None = None) -> "QwenImagePipeline":
         """Load any supported checkpoint (a local diffusers-layout folder or a Hub repo id); weights load lazily.
 
         ``loras``: (path, scale) pairs, fused into the float weights before ``quantize`` applies (on an already
         quantized checkpoint they run beside the quantized layers). ``text_encoder_bits=8`` quantizes the text
         encoder's language model on load. ``scheduler_config`` replaces the checkpoint's (e.g.
-        ``scheduler.LIGHTNING_SCHEDULER_CONFIG``). ``low_memory``: the default memory policy of runs.
+        ``scheduler.LIGHTNING_SCHEDULER_CONFIG``). ``low_memory``: the default memory policy of runs. ``gguf``: a
+        GGUF file the transformer's weights come from (everything else comes from the checkpoint folder).
         """
         if quantize not in (None, 4, 8):
             raise ValueError(f"quantize must be None, 4 or 8, got {quantize!r}")
@@ -192,13 +198,14 @@ class QwenImagePipeline:
             raise ValueError(f"text_encoder_bits must be None or 8, got {text_encoder_bits!r} (at 4 bits the text "
                              "features change by 20-50% on the measured models)")
         dt = _dtype(dtype)
-        root, variant = locate(path_or_repo_id)
+        root, variant = locate(path_or_repo_id, config_only=("transformer",) if gguf is not None else ())
         cls._check_variant(root, variant)
         scheduler_file = root / "scheduler" / "scheduler_config.json"
         with naming("scheduler_config" if scheduler_config is not None else scheduler_file):
             scheduler = scheduler_from_config(scheduler_config if scheduler_config is not None
                                               else read_json(scheduler_file))
-        pipe = runtime.call(cls._load, root, variant, dt, quantize, list(loras), text_encoder_bits, scheduler)
+        pipe = runtime.call(cls._load, root, variant, dt, quantize, list(loras), text_encoder_bits, scheduler,
+                            None if gguf is None else Path(gguf).expanduser())
         pipe.low_memory = low_memory
         return pipe
 
@@ -207,19 +214,27 @@ class QwenImagePipeline:
         """Subclasses that serve only some variants refuse the others here, before anything loads."""
 
     @classmethod
-    def _load(cls, root, variant, dtype, quantize, loras, text_encoder_bits, scheduler) -> "QwenImagePipeline":
-        transformer = load_model(variant.model_class("transformer"), root / "transformer", dtype)
+    def _load(cls, root, variant, dtype, quantize, loras, text_encoder_bits, scheduler,
+              gguf_file=None) -> "QwenImagePipeline":
+        if gguf_file is not None:
+            transformer, source = _gguf_transformer(variant, root, gguf_file, dtype, quantize)
+        else:
+            transformer = load_model(variant.model_class("transformer"), root / "transformer", dtype)
+            source = _TimestepSource(root / "transformer", dtype, loras)
         stored = quantized_bits(transformer)
         if quantize and stored and quantize != stored:
             raise ValueError(f"{root} is already quantized ({stored}-bit): quantize={quantize} cannot change that; "
                              "leave it out, or convert from the float checkpoint")
+        if not source.fuses_loras:  # marked before the LoRAs: the layers they change are then never freed
+            transformer.mark_timestep_path()
         if loras:
             from .lora import apply_lora
 
             apply_lora(transformer, loras)
         if quantize and not is_quantized(transformer):
             quantize_model(transformer, bits=quantize)
-        transformer.mark_timestep_path()
+        if source.fuses_loras:
+            transformer.mark_timestep_path()
         pipe = cls(
             transformer=transformer,
             vae=load_model(variant.model_class("vae"), root / "vae", dtype),
@@ -230,7 +245,7 @@ class QwenImagePipeline:
         )
         pipe.prompts.source = (root / "text_encoder", dtype, text_encoder_bits)
         pipe.prompts.load()
-        pipe._timestep_source = _TimestepSource(root / "transformer", dtype, loras)
+        pipe._timestep_source = source
         pipe.loras = list(loras)
         pipe.root = root
         return pipe
@@ -252,7 +267,8 @@ class QwenImagePipeline:
         reloadable = self.transformer.timestep_path_marked
         changed = apply_lora(self.transformer, [(path, scale)])
         self.loras.append((path, scale))
-        if reloadable and self._timestep_source is not None:  # the reload source learns the new LoRA too
+        source = self._timestep_source
+        if reloadable and source is not None and source.fuses_loras:  # the reload source learns the new LoRA too
             self._timestep_source.loras.append((path, scale))
             self.transformer.mark_timestep_path()
         return changed
@@ -363,7 +379,7 @@ class QwenImagePipeline:
                 x = self.scheduler.add_noise(cond.start, x, schedule)
             model, batch = self.transformer, cond.batch
             # Freed only when the model still holds what the source gives back (a LoRA fused another way stays).
-            drop = run.low_memory and self._timestep_source is not None and model.timestep_path_marked
+            drop = self.free_timestep_weights and self._timestep_source is not None and model.timestep_path_marked
             table = model.modulation_table(schedule.timesteps, drop_weights=drop)
             stats["modulation_table"] = {"seconds": time.perf_counter() - start, "peak_memory": mx.get_peak_memory()}
             rows = 2 * batch if cond.cfg else batch
@@ -442,6 +458,28 @@ def _check_finite(x: mx.array, what: str):
         raise NonFiniteError(f"{what} hold NaN or infinite values, so no picture was made; likely causes: a LoRA (try "
                              "it at a lower scale, or without it), a float16 overflow (use bfloat16), or a damaged "
                              "checkpoint (download or convert it again)")
+
+
+def _gguf_transformer(variant, root, path, dtype, quantize):
+    """The transformer of ``root``'s config with its weights from a GGUF file, and the file as its reload source."""
+    import warnings
+
+    from . import gguf
+    from .quantize import apply_plan
+
+    if quantize:
+        raise ValueError("a GGUF file comes quantized as it is: leave out quantize (--quantize)")
+    config_file = root / "transformer" / "config.json"
+    with naming(config_file):
+        model = variant.model_class("transformer").from_config(read_json(config_file))
+    weights, plan, requantized = gguf.load(path, model, dtype)
+    apply_plan(model, plan)
+    model.set_dtype(dtype)
+    model.load_weights(list(weights.items()), strict=True)
+    for kind, count in requantized.items():
+        warnings.warn(f"{path}: {count} {kind} tensors were dequantized and quantized again at "
+                      f"{gguf.REQUANTIZED[kind]} bits (MLX has no exact form of {kind})", stacklevel=2)
+    return model, gguf.Source(path, dtype)
 
 
 def _phase_start() -> float:

@@ -19,11 +19,13 @@ from .config import ConfigError
 GROUP_SIZES = (32, 64, 128)
 BITS = (4, 8)
 
-# What stays float in a quantized transformer, by layer group (see `transformer_group`); everything else gets the
-# asked bits. Measured (README, "Quantized checkpoints"): proj_out alone at 4 bits moves the output 30x more than
-# all the blocks together, norm_out.linear and the timestep embedder each more than a whole block; together they
-# are 0.2% of the weights. The *_mod layers and the first/last blocks lose no more per weight than the others.
-RECIPE = {"img_in": None, "io": None, "time": None}
+# What a quantized transformer keeps at higher precision, by layer group (see `transformer_group`): None = float,
+# a number = those bits; everything else gets the asked bits. Float: img_in, txt_in, norm_out.linear, proj_out and the
+# timestep embedder (measured: proj_out alone at 4 bits moves the output 30x more than all the blocks together; 0.2%
+# of the weights). 8 bits: every *_mod layer and the first and last blocks, as published evidence on the real
+# weights asks (another MLX port's 4-bit images were noisy until img_mod stayed at 8 bits; the GGUF files keep blocks
+# 0 and 59 at Q5_K/Q6_K); the *_mod layers are dropped during the loop, so they cost disk and load time only.
+RECIPE = {"img_in": None, "io": None, "time": None, "mod": 8, "first": 8, "last": 8}
 
 
 def transformer_group(path: str, num_blocks: int) -> str:
@@ -92,12 +94,9 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def quantized_bits(model: nn.Module) -> int | None:
-    """The bits most of a model's quantized layers use (None when nothing is quantized)."""
-    counts: dict[int, int] = {}
-    for _, m in model.named_modules():
-        if isinstance(m, nn.QuantizedLinear):
-            counts[m.bits] = counts.get(m.bits, 0) + 1
-    return max(counts, key=counts.get) if counts else None
+    """The fewest bits a model's quantized layers use: the recipe's bits (None when nothing is quantized)."""
+    bits = [m.bits for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    return min(bits) if bits else None
 
 
 def apply_plan(model: nn.Module, plan: dict) -> nn.Module:

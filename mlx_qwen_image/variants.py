@@ -123,24 +123,26 @@ def read_variant(root: Path) -> Variant:
     return lookup(name if isinstance(name, str) else repr(name), root)
 
 
-def locate(path_or_repo_id: str | Path, expected: Variant = DEFAULT_TEXT_TO_IMAGE) -> tuple[Path, Variant]:
+def locate(path_or_repo_id: str | Path, expected: Variant = DEFAULT_TEXT_TO_IMAGE,
+           config_only=()) -> tuple[Path, Variant]:
     """The checkpoint folder and its variant, checked complete: a local folder, or a Hub repo downloaded with only
     the components its variant needs (``model_index.json`` first, to know which). ``expected`` is the variant a
-    download is assumed to be when the Hub cannot be reached, for the size it would take."""
+    download is assumed to be when the Hub cannot be reached, for the size it would take. Of the ``config_only``
+    components (weights from elsewhere, e.g. a GGUF file) only the config is needed."""
     if not is_repo_id(path_or_repo_id):
         root = local_folder(path_or_repo_id)
         variant = read_variant(root)
-        check_layout(root, variant.components)
+        check_layout(root, variant.components, config_only)
         return root, variant
     repo = str(path_or_repo_id)
     try:
         variant = read_variant(download(repo))
-        root = download(repo, variant.components)
+        root = download(repo, variant.components, config_only)
     except CheckpointError as e:
         raise CheckpointError(f"{e}; the first run downloads about {expected.download_bytes / 1e9:.0f} GB (the "
                               "bf16 weights: --quantize quantizes them after the download)") from None
     try:
-        check_layout(root, variant.components)
+        check_layout(root, variant.components, config_only)
     except CheckpointError as e:
         raise CheckpointError(f"{e} (the download stopped part-way: run again to resume it)") from None
     return root, variant

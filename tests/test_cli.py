@@ -221,8 +221,8 @@ def _one_line(result, code, message):
 
 
 def test_command_line_mistakes_are_one_line_with_exit_2(model, tmp_path):
-    _one_line(run("generate", "x", "--bogus"), 2,
-              "Error: No such option '--bogus'. (see mlx-qwen-image generate --help)")
+    _one_line(run("generate", "x", "--frobnicate"), 2,
+              "Error: No such option '--frobnicate'. (see mlx-qwen-image generate --help)")
     _one_line(run("generate", "x", "--steps", "many"), 2, "'many' is not a valid integer")
     _one_line(run("nonsense"), 2, "No such command 'nonsense'")
 

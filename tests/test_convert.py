@@ -105,7 +105,13 @@ def test_layout_of_a_converted_checkpoint(source, converted):
         for file in set(index["weight_map"].values()):
             assert mx.load(str(dst / component / file), return_metadata=True)[1] == {"format": "mlx"}
     block = json.loads((dst / "transformer" / "config.json").read_text())["quantization"]
-    assert block == {"group_size": 64, "bits": 4, "mode": "affine"}
+    assert block["group_size"] == 64 and block["mode"] == "affine"
+    # The 4-bit recipe: the *_mod layers and the first and last blocks at 8 bits, the rest at 4.
+    layers = {k: v["bits"] for k, v in block.items() if isinstance(v, dict)}
+    bits = lambda path: layers.get(path, block["bits"])  # noqa: E731
+    assert bits("transformer_blocks.1.attn.to_q") == bits("transformer_blocks.2.img_mlp.net.2") == 4
+    assert bits("transformer_blocks.0.attn.to_q") == bits("transformer_blocks.3.txt_mlp.net.0.proj") == 8
+    assert bits("transformer_blocks.1.img_mod.1") == bits("transformer_blocks.2.txt_mod.1") == 8
     assert "quantization" not in json.loads((dst / "text_encoder" / "config.json").read_text())
     weights = mx.load(str(next((dst / "transformer").glob("*.safetensors"))))
     for layer in ("transformer_blocks.0.img_mod.1", "transformer_blocks.1.attn.to_q",
@@ -113,9 +119,10 @@ def test_layout_of_a_converted_checkpoint(source, converted):
         assert weights[f"{layer}.weight"].dtype == mx.uint32 and f"{layer}.scales" in weights, layer
     for layer in ("img_in", "txt_in", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_2"):
         assert weights[f"{layer}.weight"].dtype == mx.bfloat16 and f"{layer}.scales" not in weights, layer
-    # The 4-bit transformer is well under half the bf16 one (the recipe's float layers included).
+    # Under half the bf16 one, although in this 4-block model the 8-bit first and last blocks and *_mod layers are
+    # most of the weights (at full size the 4-bit file is 37% of the bf16 one).
     ratio = _component_bytes(dst / "transformer") / _component_bytes(converted / "bf16" / "transformer")
-    assert ratio < 0.45, ratio
+    assert ratio < 0.5, ratio
 
 
 def test_round_trip_error_against_the_float_model(source, converted, noise):

@@ -57,6 +57,6 @@ def test_a_half_downloaded_snapshot_says_to_download_again(tiny_checkpoint, tmp_
     partial = tmp_path / "snapshot"
     shutil.copytree(tiny_checkpoint[0], partial)
     shutil.rmtree(partial / "vae")
-    monkeypatch.setattr(variants, "download", lambda repo, components=None: partial)
+    monkeypatch.setattr(variants, "download", lambda repo, components=None, config_only=(): partial)
     with pytest.raises(CheckpointError, match=r"missing vae/ \(the download stopped part-way: run again to resume"):
         locate("someone/some-model")
