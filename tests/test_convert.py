@@ -129,10 +129,11 @@ def test_round_trip_error_against_the_float_model(source, converted, noise):
     reference = _generate(source, noise, dtype="float32")
     errors = {name: rel_err(_generate(converted / name, noise, dtype="float32") - 0.5, reference - 0.5)
               for name in ("bf16", "q8", "q4")}
-    # Measured on this model: bf16 4.1e-3, 8-bit 7.8e-3, 4-bit 8.2e-2; the bounds leave about 1.5x.
+    # Measured on this model: bf16 4.1e-3, 8-bit 7.8e-3, 4-bit 4.0e-2 (8.2e-2 before its *_mod layers and first and
+    # last blocks went to 8 bits); the bounds leave about 1.5x.
     assert errors["bf16"] < 6e-3, errors
     assert errors["q8"] < 1.2e-2, errors
-    assert errors["q4"] < 0.12, errors
+    assert errors["q4"] < 0.06, errors
     assert errors["q8"] < errors["q4"] / 4, errors
 
 

@@ -165,7 +165,7 @@ def test_the_transformer_equals_diffusers_on_the_same_file(files, float32_dequan
     ours, plan, requantized = _ours(files["exact"])
     assert not requantized and {p["bits"] for p in plan.values()} == {4, 5, 8}
     got, expected = _run_both(ours, _diffusers(files["exact"], files["root"] / "config"))
-    assert rel_err(got, expected) < 1e-4
+    assert rel_err(got, expected) < 1e-4  # measured 6.6e-6
 
 
 def test_q6_k_is_quantized_again_and_the_prefix_is_read(files, float32_dequant):
@@ -173,7 +173,7 @@ def test_q6_k_is_quantized_again_and_the_prefix_is_read(files, float32_dequant):
     assert set(requantized) == {"Q6_K"} and requantized["Q6_K"] > 0
     theirs = _diffusers_prefixed(files)
     got, expected = _run_both(ours, theirs)
-    assert rel_err(got, expected) < 5e-2  # Q6_K's 16-value groups become MLX 6-bit groups of 32
+    assert rel_err(got, expected) < 2e-2  # measured 6.8e-3: Q6_K's 16-value groups become 6-bit groups of 32
 
 
 def _diffusers_prefixed(files):
