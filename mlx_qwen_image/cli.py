@@ -430,6 +430,58 @@ def convert_command(source, output, bits, group_size, dtype, text_encoder_bits, 
         click.echo(line)
 
 
+@cli.command()
+@click.option("--model", default="Qwen/Qwen-Image", show_default=True, help="Checkpoint folder or Hub repo id.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback should come with --api-key.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on every API call.")
+@click.option("--queue", "queue_size", type=int, default=16, show_default=True,
+              help="Requests queued or running at once; more get 429.")
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the transformer on load.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
+              help="Weights and activations; float32 is the reference-exact mode (twice the memory).")
+@click.option("--low-memory", is_flag=True, help="Free the text encoder once each prompt is encoded.")
+@click.option("--gguf", default=None, metavar="FILE", help="Take the transformer's weights from a GGUF file.")
+@click.option("--text-encoder-bits", type=click.Choice(["8"]), default=None,
+              help="Quantize the text encoder on load (8-bit: 8.9 GB instead of 14 GB).")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="LoRA safetensors file (repeatable).")
+@user_errors
+def serve(model, host, port, api_key, queue_size, quantize, dtype, low_memory, gguf, text_encoder_bits, loras):
+    """Serve a model over HTTP: the OpenAI Images API, an AUTOMATIC1111 subset and a web page."""
+    import ipaddress
+
+    from .lora import load_lora, parse_lora_arg
+
+    if queue_size < 1:
+        raise UsageError(f"--queue {queue_size}: at least 1")
+    if not 0 < port < 65536:
+        raise UsageError(f"--port {port}: must be in 1-65535")
+    if gguf is not None and not Path(gguf).expanduser().is_file():
+        raise UsageError(f"--gguf {gguf}: no such file")
+    parsed = [parse_lora_arg(text) for text in loras]
+    for path, _ in parsed:
+        load_lora(path)
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = host == "localhost"
+    if not local and not api_key:
+        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+    import uvicorn
+
+    from .jobs import Service
+    from .server import create_app
+
+    load = {"quantize": int(quantize) if quantize else None, "dtype": dtype, "loras": parsed, "gguf": gguf,
+            "text_encoder_bits": int(text_encoder_bits) if text_encoder_bits else None}
+    service = Service(model, load, queue_size=queue_size, api_key=api_key, low_memory=low_memory)
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"mlx-qwen-image serving {model} at http://{shown}:{port}/ (the model loads in the background; "
+               "Ctrl-C stops)", err=True)
+    uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+
+
 @cli.command("benchmark", add_help_option=False,
              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
