@@ -309,3 +309,31 @@ def test_the_serve_command_refuses_bad_options(tmp_path):
     assert result.exit_code == 1 and "--queue 0: at least 1" in result.output
     result = CliRunner().invoke(cli, ["serve", "--gguf", str(tmp_path / "none.gguf")])
     assert result.exit_code == 1 and "no such file" in result.output
+
+
+def test_the_serve_command_serves(tiny_checkpoint):
+    """`mlx-qwen-image serve` as a real process: it prints the URL, loads, answers, and stops on SIGINT."""
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_qwen_image.cli", "serve", "--model", str(tiny_checkpoint[0]),
+                             "--port", str(port), "--dtype", "float32"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert f"at http://127.0.0.1:{port}/" in proc.stderr.readline()
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if http("GET", f"{url}/v1/models")[1]["data"][0]["ready"]:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        status, body = http("POST", f"{url}/v1/images/generations", {"prompt": "x", "size": "32x32", "steps": 1})
+        assert status == 200 and Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"]))).size == (32, 32)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) in (0, 130)
