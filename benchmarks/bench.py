@@ -79,6 +79,8 @@ def parse_args(argv=None, prog: str = "python -m benchmarks.bench") -> argparse.
     p.add_argument("--keep-modulation-weights", action="store_true",
                    help="keep the timestep-path weights during the steps (pipe.free_timestep_weights = False)")
     p.add_argument("--no-compile", action="store_true", help="run the block's elementwise tails uncompiled")
+    p.add_argument("--cache", default=None, metavar="SPEC",
+                   help="also time whole --steps images (CFG) with and without this step cache, e.g. first-block:0.1")
     p.add_argument("--no-text-encoder", action="store_true")
     p.add_argument("--no-vae", action="store_true")
     p.add_argument("--tiny", action="store_true", help="CI-sized components (seconds; figures meaningless)")
@@ -233,9 +235,33 @@ def bench_transformer(args, dtype, cfg: TransformerConfig, n_img: int, reference
             table = run.stats["modulation_table"]
             phases["modulation_table"] = {"seconds": table["seconds"], "steps": steps,
                                           "peak_memory": table["peak_memory"] - reference.nbytes}
+            if args.cache:
+                phases["cache"] = bench_cache(args, pipe, cond)
     del model, pipe
     _free()
     return {"phases": phases, "weights": weights}
+
+
+def bench_cache(args, pipe, cond) -> dict:
+    """Whole images of ``--steps`` steps through the pipeline's loop, without and with ``--cache``, one after the
+    other in one run."""
+    from mlx_qwen_image.cache import parse
+
+    cache, _ = parse(args.cache)
+    out = {"setting": cache.label, "steps": args.steps}
+    for label, setting in (("without", None), ("with", cache)):
+        _free()
+        start = time.perf_counter()
+        run = pipe.sample(cond, args.steps, seed=args.seed, cache=setting)
+        for _ in run:
+            pass
+        out[f"seconds_{label}"] = time.perf_counter() - start
+        if setting is not None:
+            out.update(computed=run.stats["cache"]["computed"], passes=run.stats["cache"]["passes"],
+                       peak_memory=run.stats["denoise"]["peak_memory"])
+    out["seconds"] = out["seconds_with"]
+    out["speedup"] = out["seconds_without"] / out["seconds_with"]
+    return out
 
 
 def bench_vae(args, dtype) -> dict:

@@ -86,6 +86,12 @@ def markdown(result: dict) -> str:
         fl = f"{p['flops_per_s'] / 1e12:.3g} T" if "flops_per_s" in p else ""
         eff = f"{p['efficiency']:.1%}" if "efficiency" in p else ""
         lines.append(f"| {label} | {p['seconds']:.4g} | {_gb(p['peak_memory'])} | {fl} | {eff} |")
+    if "cache" in ph:
+        k = ph["cache"]
+        lines += ["", f"Step cache {k['setting']}: a {k['steps']}-step CFG image in {k['seconds_with']:.3g} s "
+                      f"instead of {k['seconds_without']:.3g} s ({k['speedup']:.2f}x), {k['computed']} of "
+                      f"{k['passes']} transformer passes computed in full (random weights: what a real model skips "
+                      "differs)."]
     w = result["weights"]
     lines += ["", "Efficiency: the step's counted FLOP/s over the plain matmul's, timed right after each trial (median "
                   "of the ratios); FLOPs as benchmarks/flops.py counts them."]

@@ -178,6 +178,9 @@ def shared_options(fn):
                      help="Quantize the text encoder on load (8-bit: 8.9 GB instead of 14 GB)."),
         click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
                      help="LoRA safetensors file, with an optional scale (repeatable; they add up)."),
+        click.option("--cache", "cache_spec", default=None, metavar="SPEC",
+                     help="Step cache: first-block[:THRESHOLD], taylorseer[:INTERVAL], magcache:FILE[:THRESHOLD], "
+                          "or magcache-calibrate:FILE to measure MagCache's ratios. [default: off]"),
         click.option("--lightning", type=click.Choice(["4", "8"]), default=None,
                      help="Qwen-Image-Lightning preset: 4 or 8 steps, CFG 1 and the Lightning scheduler "
                           "(pass the Lightning LoRA with --lora, or a model with it baked in)."),
@@ -191,7 +194,7 @@ class Job:
     """The checks and bookkeeping generate and edit share: settings, outputs, loading, the step loop."""
 
     def __init__(self, model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
-                 gguf, text_encoder_bits, loras, lightning):
+                 gguf, text_encoder_bits, loras, lightning, cache_spec=None):
         if lightning:
             steps = int(lightning) if steps is None else steps
             cfg_scale = 1.0 if cfg_scale is None else cfg_scale
@@ -221,6 +224,12 @@ class Job:
         if gguf is not None and quantize:
             raise UsageError("--gguf: a GGUF file comes quantized as it is; leave out --quantize")
         self.gguf = None if gguf is None else str(Path(gguf).expanduser())
+        from .cache import parse
+
+        self.cache, self.calibration_file = parse(cache_spec) if cache_spec else (None, None)
+        if self.calibration_file is not None and self.calibration_file.exists() and not overwrite:
+            raise UsageError(f"{self.calibration_file} already exists; choose another file or pass --overwrite")
+        self.passes = self.computed = 0
         self.start = time.perf_counter()
         self.peak = 0
 
@@ -282,6 +291,7 @@ class Job:
             "seed": seed, "steps": req.steps, "cfg_scale": req.cfg_scale, "width": run.width, "height": run.height,
             "model": str(self.model), "quantization": self.quantization,
             **({"gguf": self.gguf} if self.gguf else {}),
+            "cache": self.cache.label if self.cache else "none",
             "text_encoder_quantization": f"{self.text_encoder_bits}-bit" if self.text_encoder_bits else "none",
             "dtype": self.dtype,
             "loras": ", ".join(f"{p}:{s:g}" for p, s in self.loras) or "none",
@@ -303,10 +313,32 @@ class Job:
                  (("text_encoder", "prompt"), ("picture_encode", "pictures"), ("denoise", f"{run.total} steps"),
                   ("decode", "decode")) if name in stats]
         click.echo(f"saved {path} ({', '.join(times)})", err=True)
+        if "cache" in stats:
+            self.passes += stats["cache"]["passes"]
+            self.computed += stats["cache"]["computed"]
+            if "mag_ratios" in stats["cache"] and self.calibration_file is not None:
+                _write_ratios(self.calibration_file, stats["cache"]["mag_ratios"], run)
 
     def done(self):
+        cached = f", {self.computed} of {self.passes} transformer passes computed in full ({self.cache.label})" \
+            if self.cache is not None else ""
         click.echo(f"done: {len(self.paths)} image(s) in {time.perf_counter() - self.start:.1f} s, "
-                   f"peak memory {format_bytes(self.peak)}", err=True)
+                   f"peak memory {format_bytes(self.peak)}{cached}", err=True)
+
+
+def _write_ratios(path: Path, ratios: list[float], run):
+    """MagCache's measured ratios, atomically, for `--cache magcache:FILE`."""
+    import json
+    import os
+    import tempfile
+
+    data = {"mag_ratios": ratios, "steps": run.total, "width": run.width, "height": run.height,
+            "note": "per model and scheduler; measured by mlx-qwen-image --cache magcache-calibrate"}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+    click.echo(f"wrote MagCache's ratios to {path}", err=True)
 
 
 def _baked_lightning(root) -> bool:
@@ -341,7 +373,8 @@ def _open_image(path):
 @shared_options
 @user_errors
 def generate(prompt, model, width, height, aspect, init_image, strength, steps, cfg_scale, negative_prompt, seed,
-             num_images, output, overwrite, quantize, dtype, low_memory, gguf, text_encoder_bits, loras, lightning):
+             num_images, output, overwrite, quantize, dtype, low_memory, gguf, text_encoder_bits, loras, cache_spec,
+             lightning):
     """Generate images from PROMPT (or redraw --image, img2img)."""
     if aspect is not None and (width is not None or height is not None):
         raise UsageError("--aspect sets the size; do not combine it with --width/--height")
@@ -354,13 +387,13 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
     if aspect:
         width, height = ASPECTS[aspect]
     job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory, gguf,
-              text_encoder_bits, loras, lightning)
+              text_encoder_bits, loras, lightning, cache_spec)
     job.check_size(job.check_model(edits=False), width, height, image=picture)
     pipe = job.load()
     for path, s in zip(job.paths, job.seeds):
         run = pipe.denoise(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=job.steps,
                            cfg_scale=job.cfg_scale, seed=s, image=picture,
-                           strength=strength if picture is not None else None)
+                           strength=strength if picture is not None else None, cache=job.cache)
         extra = {"image": str(init_image), "strength": strength} if picture is not None else {}
         job.save(run, s, path, job.metadata(run, s, prompt=prompt, **extra))
     job.done()
@@ -378,20 +411,20 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
 @shared_options
 @user_errors
 def edit(prompt, images, model, width, height, steps, cfg_scale, negative_prompt, seed, num_images, output,
-         overwrite, quantize, dtype, low_memory, gguf, text_encoder_bits, loras, lightning):
+         overwrite, quantize, dtype, low_memory, gguf, text_encoder_bits, loras, cache_spec, lightning):
     """Edit pictures as PROMPT says (Qwen-Image-Edit, Edit-2509, Edit-2511)."""
     for name, v in (("width", width), ("height", height)):
         if v is not None and (v < 16 or v % 16):
             raise UsageError(f"--{name} {v} is not a multiple of 16; use {_nearest16(v)}")
     job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory, gguf,
-              text_encoder_bits, loras, lightning)
+              text_encoder_bits, loras, lightning, cache_spec)
     variant = job.check_model(edits=True, pictures=len(images))
     pictures = [_open_image(p) for p in images]
     job.check_size(variant, width, height, images=pictures)
     pipe = job.load()
     for path, s in zip(job.paths, job.seeds):
         run = pipe.denoise(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=job.steps,
-                           cfg_scale=job.cfg_scale, seed=s, images=pictures)
+                           cfg_scale=job.cfg_scale, seed=s, images=pictures, cache=job.cache)
         job.save(run, s, path, job.metadata(run, s, prompt=prompt, images=", ".join(images)))
     job.done()
 

@@ -39,6 +39,7 @@ class Request:
     image: Image.Image | None = None  # img2img picture
     strength: float | None = None
     hooks: tuple = ()
+    cache: object | None = None  # a step cache setting (`mlx_qwen_image.cache`)
 
     @property
     def batch(self) -> int:
@@ -227,7 +228,7 @@ def _short(value) -> str:
 
 def make_request(variant: Variant, channels: int, fixed_steps: int | None, prompt, negative_prompt=None, width=None,
                  height=None, steps=None, cfg_scale=None, seed=0, latents=None, images=None, image=None,
-                 strength=None, hooks=()) -> Request:
+                 strength=None, hooks=(), cache=None) -> Request:
     """Check a run's arguments against the checkpoint (``variant``, the transformer's latent ``channels``, the
     scheduler's ``fixed_steps``) and resolve the defaults; every mistake is a one-line ``ValueError``."""
     prompts = check_prompts(prompt)
@@ -275,5 +276,7 @@ def make_request(variant: Variant, channels: int, fixed_steps: int | None, promp
         seed = _integer("seed", seed)
         if not 0 <= seed < 2**63 - len(prompts):
             raise ValueError(f"seed must be in [0, 2**63 - {len(prompts)}), got {seed}")
+    if cache is not None and not callable(getattr(cache, "start", None)):
+        raise ValueError(f"cache must be a step cache (mlx_qwen_image.cache), got {_short(cache)}")
     return Request(tuple(prompts), tuple(negatives) if negatives else None, width, height, steps, cfg_scale, seed,
-                   latents, pictures, picture, strength, tuple(hooks))
+                   latents, pictures, picture, strength, tuple(hooks), cache)

@@ -308,13 +308,13 @@ class QwenImagePipeline:
     # -- runs ----------------------------------------------------------------------------------------------
 
     def denoise(self, prompt, negative_prompt=None, width=None, height=None, steps=None, cfg_scale=None, seed=0,
-                latents=None, images=None, image=None, strength=None, low_memory=None, hooks=()) -> Run:
+                latents=None, images=None, image=None, strength=None, low_memory=None, hooks=(), cache=None) -> Run:
         """A `Run` of ``generate``'s request: iterate it for the evaluated latents after each step, then
         ``run.complete()`` decodes. Everything about the request is checked here, before any work."""
         request = make_request(self.variant, self.transformer.config.in_channels, self.scheduler.fixed_steps,
                                prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                                steps=steps, cfg_scale=cfg_scale, seed=seed, latents=latents, images=images,
-                               image=image, strength=strength, hooks=hooks)
+                               image=image, strength=strength, hooks=hooks, cache=cache)
         config = self.transformer.config
         message = memory.refuse_size(request.width, request.height, request.cfg_scale > 1, config.inner_dim,
                                      config.num_attention_heads)
@@ -324,7 +324,8 @@ class QwenImagePipeline:
                                            request.strength)
         return Run(self, request, schedule, self.low_memory if low_memory is None else low_memory)
 
-    def sample(self, conditioning: Conditioning, steps: int, seed: int = 0, latents=None, low_memory=None) -> Run:
+    def sample(self, conditioning: Conditioning, steps: int, seed: int = 0, latents=None, low_memory=None,
+               cache=None) -> Run:
         """A `Run` of the core loop on a prebuilt `Conditioning` (what the builders make; the benchmark and
         parallel runs build their own)."""
         c = conditioning
@@ -332,24 +333,25 @@ class QwenImagePipeline:
             latents = latents if isinstance(latents, mx.array) else mx.array(np.asarray(latents, dtype=np.float32))
             mx.eval(latents)
         request = Request(("",) * c.batch, ("",) * c.batch if c.cfg else None, c.width, c.height, steps,
-                          c.cfg_scale, seed, latents, strength=c.strength, hooks=c.hooks)
+                          c.cfg_scale, seed, latents, strength=c.strength, hooks=c.hooks, cache=cache)
         schedule = self.scheduler.schedule(steps, c.image_tokens, c.strength)
         return Run(self, request, schedule, self.low_memory if low_memory is None else low_memory, conditioning)
 
     def generate(self, prompt, negative_prompt=None, width=None, height=None, steps=None, cfg_scale=None, seed=0,
                  latents=None, output="pil", images=None, image=None, strength=None, low_memory=None, hooks=(),
-                 progress=None):
+                 cache=None, progress=None):
         """Images for ``prompt`` (a string: one image; a list: one per prompt, seeds ``seed``, ``seed + 1`` ...).
 
         ``images=[...]``: the pictures an editing checkpoint edits. ``image=`` with ``strength=`` (default 0.6):
         img2img on a text-to-image checkpoint. Steps, CFG scale and size default to the checkpoint's (size: the
         (last) picture's aspect at about 1024x1024 when there is one). ``progress(done, total)`` is called after
-        each step. What a checkpoint cannot do is refused with a ``ValueError`` saying what it can do.
+        each step. ``cache``: a step cache (`mlx_qwen_image.cache`). What a checkpoint cannot do is refused with a
+        ``ValueError`` saying what it can do.
         """
         if output not in ("pil", "np"):
             raise ValueError(f"output must be 'pil' or 'np', got {output!r}")
         run = self.denoise(prompt, negative_prompt, width, height, steps, cfg_scale, seed, latents, images, image,
-                           strength, low_memory, hooks)
+                           strength, low_memory, hooks, cache)
         pictures = run.complete(output, progress)
         return pictures[0] if isinstance(prompt, str) else pictures
 
@@ -387,15 +389,17 @@ class QwenImagePipeline:
             if cond.reference is not None:
                 reference = mx.broadcast_to(cond.reference.astype(model.dtype), (batch, *cond.reference.shape[1:]))
             img_shapes, step_seconds = [cond.segments] * rows, []
+            cache = None if req.cache is None else req.cache.start(schedule.steps, batch, 2 if cond.cfg else 1)
+            hooks = ((cache,) if cache is not None else ()) + tuple(cond.hooks)
             try:
                 for i in range(schedule.steps):
                     t0 = time.perf_counter()
                     compute = partial(self._velocity, model, x, cond, reference, img_shapes, table[i],
-                                      schedule.timesteps[i], rows)
-                    for hook in reversed(cond.hooks):
+                                      schedule.timesteps[i], rows, cache)
+                    for hook in reversed(hooks):
                         compute = partial(hook.predict, i, float(schedule.sigmas[i]), compute)
                     x = self.scheduler.step(x, compute(), schedule, i)
-                    for hook in cond.hooks:
+                    for hook in hooks:
                         x = hook.after_step(i, x, float(schedule.sigmas[i + 1]))
                     mx.eval(x)
                     step_seconds.append(time.perf_counter() - t0)
@@ -404,16 +408,18 @@ class QwenImagePipeline:
                 if drop:  # lazy: read from disk again only when the next run's table needs them
                     model.restore_modulation_weights(self._timestep_source.weights(model))
                 stats["steps"] = step_seconds
+                if cache is not None:
+                    stats["cache"] = cache.finish()
                 _phase(stats, "denoise", start)
 
     @staticmethod
-    def _velocity(model, x, cond, reference, img_shapes, modulations, timestep, rows) -> mx.array:
+    def _velocity(model, x, cond, reference, img_shapes, modulations, timestep, rows, cache=None) -> mx.array:
         inp = x.astype(model.dtype)
         if reference is not None:
             inp = mx.concatenate([inp, reference], axis=1)
         t = mx.full((rows,), timestep, dtype=mx.float32)
         v = model(mx.concatenate([inp, inp]) if cond.cfg else inp, cond.embeds, cond.mask, t, img_shapes,
-                  modulations=modulations)
+                  modulations=modulations, cache=cache)
         if reference is not None:
             v = v[:, : cond.image_tokens]
         return guided(v[: cond.batch], v[cond.batch:], cond.cfg_scale) if cond.cfg else v

@@ -126,3 +126,13 @@ def test_benchmark_command_from_an_installed_wheel(tmp_path):
     assert done.stdout.splitlines()[0].startswith(str(site))  # the wheel's copy ran, not the checkout's
     (result,) = (work / "benchmark-results").glob("*.json")
     assert json.loads(result.read_text())["phases"]["step_cfg"]["seconds"] > 0
+
+
+def test_the_benchmark_times_a_step_cache_beside_no_cache(tmp_path):
+    out = tmp_path / "cache"
+    assert main(["--tiny", "--trials", "1", "--no-text-encoder", "--no-vae", "--steps", "12", "--cache",
+                 "taylorseer:5", "--out", str(out)]) == 0
+    cache = json.loads(out.with_suffix(".json").read_text())["phases"]["cache"]
+    assert cache["setting"] == "taylorseer:5" and cache["passes"] == 24 and cache["computed"] < 24
+    assert cache["seconds_with"] > 0 and cache["seconds_without"] > 0
+    assert "Step cache taylorseer:5" in out.with_suffix(".md").read_text()

@@ -11,6 +11,7 @@ matmul per layer and can free those weights for the loop (`restore_modulation_we
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -151,10 +152,11 @@ class TransformerBlock(nn.Module):
         """Per-stream modulation vectors (B, 1, 6 * dim): a function of the timestep alone."""
         return self.img_mod[1](nn.silu(img_temb))[:, None], self.txt_mod[1](nn.silu(txt_temb))[:, None]
 
-    def __call__(self, img, txt, img_mod, txt_mod, rope, mask=None, cond_index=None):
+    def __call__(self, img, txt, img_mod, txt_mod, rope, mask=None, cond_index=None, attention=None):
         """``img_mod``/``txt_mod`` come from `modulation` (one row per item, or one row for the whole batch).
         With ``cond_index`` (Edit-2511), ``img_mod`` holds [t rows; t = 0 rows] and image tokens where
-        ``cond_index`` is True take the t = 0 rows."""
+        ``cond_index`` is True take the t = 0 rows. ``attention(compute)`` (a step cache) may return the joint
+        attention's (image, text) outputs instead of ``compute()``."""
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = mx.split(img_mod, 6, axis=-1)
         if cond_index is not None:
             half = img_mod.shape[0] // 2
@@ -163,9 +165,10 @@ class TransformerBlock(nn.Module):
             i_shift2, i_scale2, i_gate2 = pick(i_shift2), pick(i_scale2), pick(i_gate2)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = mx.split(txt_mod, 6, axis=-1)
 
-        img_attn, txt_attn = self.attn(
-            _modulate(img, i_shift1, i_scale1), _modulate(txt, t_shift1, t_scale1), rope, mask
-        )
+        def joint():
+            return self.attn(_modulate(img, i_shift1, i_scale1), _modulate(txt, t_shift1, t_scale1), rope, mask)
+
+        img_attn, txt_attn = joint() if attention is None else attention(joint)
         img = _residual(img, i_gate1, img_attn)
         txt = _residual(txt, t_gate1, txt_attn)
         img = _residual(img, i_gate2, self.img_mlp(_modulate(img, i_shift2, i_scale2)))
@@ -320,13 +323,16 @@ class QwenImageTransformer(nn.Module):
         timestep: mx.array,
         img_shapes,
         modulations=None,
+        cache=None,
     ) -> mx.array:
         """Velocity for packed latents (B, N, 64) given text features (B, L, 3584), the text mask (B, L) or
         None, sigma (B,), and per item the (frames, H/16, W/16) of each image segment.
 
         ``modulations`` (from `modulations`, or a `modulation_table` row) skips the timestep path. A mask of all
         ones means no mask; that check syncs with the device once per mask object, so pass the same (unchanged)
-        mask at every step.
+        mask at every step. ``cache`` (a step cache's run, `mlx_qwen_image.cache`) takes over the block loop:
+        ``cache.blocks(run, img, txt)`` gets ``run(img, txt, start, stop, rows)``, which runs blocks
+        ``[start, stop)`` on those batch rows, and ``cache.attention(index, compute)`` sees every block's attention.
         """
         dtype = self.dtype
         B, N, _ = hidden_states.shape
@@ -343,8 +349,17 @@ class QwenImageTransformer(nn.Module):
         mask = self._masks(encoder_hidden_states_mask, N)
         cond_index = _reference_tokens(img_shapes, N) if self.config.zero_cond_t else None
 
-        for block, (img_mod, txt_mod) in zip(self.transformer_blocks, block_mods):
-            img, txt = block(img, txt, img_mod, txt_mod, rope, mask, cond_index)
+        def run(img, txt, start=0, stop=None, rows=None):
+            keys = mask if mask is None or rows is None else mask[rows]
+            cond = cond_index if cond_index is None or rows is None else cond_index[rows]
+            attention = getattr(cache, "attention", None)
+            for i in range(start, len(self.transformer_blocks) if stop is None else stop):
+                img_mod, txt_mod = block_mods[i]
+                hook = None if attention is None else partial(attention, i)
+                img, txt = self.transformer_blocks[i](img, txt, img_mod, txt_mod, rope, keys, cond, hook)
+            return img, txt
+
+        img, txt = run(img, txt) if cache is None else cache.blocks(run, img, txt)
         return self.proj_out(self.norm_out(img, out_mod))
 
 
