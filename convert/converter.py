@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten
 
 from mlx_qwen_image import __version__
 from mlx_qwen_image.config import naming, read_json
-from mlx_qwen_image.loading import CheckpointError, is_repo_id, load_shard, shard_files
+from mlx_qwen_image.loading import CheckpointError, is_repo_id, load_shard, shard_files, tensor_names
 from mlx_qwen_image.quantize import (RECIPE, plan_bytes, quantization_block, quantize_weight,
                                      text_encoder_plan, transformer_plan)
 from mlx_qwen_image.variants import locate
@@ -42,7 +42,8 @@ GROUP_NAMES = {"img_in": "img_in", "io": "txt_in, norm_out.linear and proj_out",
 def convert(source: str | Path, output: str | Path, bits: int | None = None, group_size: int = 64,
             dtype: str = "bfloat16", text_encoder_bits: int | None = None, transform: Transform | None = None,
             max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable[[str], None] = lambda line: None,
-            loras=(), scheduler_config: dict | None = None, gguf: str | Path | None = None) -> list[dict]:
+            loras=(), scheduler_config: dict | None = None, gguf: str | Path | None = None,
+            lm_head: bool = True) -> list[dict]:
     """Write the MLX checkpoint of ``source`` (a local folder or Hub repo id) into the new folder ``output``.
 
     ``bits`` quantizes the transformer with the mixed recipe (`mlx_qwen_image.quantize`), ``text_encoder_bits``
@@ -51,7 +52,8 @@ def convert(source: str | Path, output: str | Path, bits: int | None = None, gro
     quantization and returns the weights to write, same names and shapes. ``loras`` ((path, scale) pairs) are
     fused into those float weights before quantization; ``scheduler_config`` replaces the scheduler's config
     (a Lightning model baked this way loads with its own scheduler). ``gguf``: a GGUF file the transformer's weights
-    come from, written quantized as the file has them (the rest comes from ``source``).
+    come from, written quantized as the file has them (the rest comes from ``source``). ``lm_head=False`` leaves
+    out the text encoder's language-model head (1.1 GB in bf16; the prompt enhancer needs it).
     Returns one summary row per component: name, bytes before and after, parameters, bits per weight.
     """
     if gguf is not None and (bits or loras or transform):
@@ -87,9 +89,12 @@ def convert(source: str | Path, output: str | Path, bits: int | None = None, gro
     _validate_source(root, variant)
     index = read_json(root / "model_index.json")
     # The components with weights, as the registry says the variant has them; every other folder is copied.
-    jobs = [GGUFComponent(name, variant.model_class(name), root / name, Path(gguf).expanduser(),
-                          variant.build_options(name)) if gguf is not None and name == "transformer" else
-            Component(name, variant.model_class(name), root / name, build=variant.build_options(name))
+    head = lm_head and any(n.startswith("lm_head.") for n in tensor_names(root / "text_encoder"))
+    builds = {name: {**variant.build_options(name), **({"lm_head": head} if name == "text_encoder" else {})}
+              for name in variant.model_components}
+    jobs = [GGUFComponent(name, variant.model_class(name), root / name, Path(gguf).expanduser(), builds[name])
+            if gguf is not None and name == "transformer" else
+            Component(name, variant.model_class(name), root / name, build=builds[name])
             for name in variant.model_components]
     for job in jobs:
         for kind, count in getattr(job, "requantized", {}).items():

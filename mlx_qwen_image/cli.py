@@ -181,6 +181,9 @@ def shared_options(fn):
         click.option("--cache", "cache_spec", default=None, metavar="SPEC",
                      help="Step cache: first-block[:THRESHOLD], taylorseer[:INTERVAL], magcache:FILE[:THRESHOLD], "
                           "or magcache-calibrate:FILE to measure MagCache's ratios. [default: off]"),
+        click.option("--enhance-prompt", is_flag=True,
+                     help="Rewrite the prompt first with the text encoder run as a chat model (offline; quoted "
+                          "text is kept verbatim)."),
         click.option("--lightning", type=click.Choice(["4", "8"]), default=None,
                      help="Qwen-Image-Lightning preset: 4 or 8 steps, CFG 1 and the Lightning scheduler "
                           "(pass the Lightning LoRA with --lora, or a model with it baked in)."),
@@ -194,7 +197,7 @@ class Job:
     """The checks and bookkeeping generate and edit share: settings, outputs, loading, the step loop."""
 
     def __init__(self, model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
-                 gguf, text_encoder_bits, loras, lightning, cache_spec=None):
+                 gguf, text_encoder_bits, loras, lightning, cache_spec=None, enhance_prompt=False):
         if lightning:
             steps = int(lightning) if steps is None else steps
             cfg_scale = 1.0 if cfg_scale is None else cfg_scale
@@ -230,6 +233,7 @@ class Job:
         if self.calibration_file is not None and self.calibration_file.exists() and not overwrite:
             raise UsageError(f"{self.calibration_file} already exists; choose another file or pass --overwrite")
         self.passes = self.computed = 0
+        self.enhance, self.enhanced, self.enhance_rate = enhance_prompt, None, None
         self.start = time.perf_counter()
         self.peak = 0
 
@@ -283,8 +287,16 @@ class Job:
                        "Qwen-Image-Lightning-...safetensors) or a checkpoint with it baked in", err=True)
         return pipe
 
+    def prompt(self, prompt: str) -> dict:
+        """The prompt arguments of the next run: the first run rewrites, the others reuse its rewrite."""
+        if self.enhanced is not None:
+            return {"prompt": self.enhanced}
+        return {"prompt": prompt, "enhance_prompt": self.enhance}
+
     def metadata(self, run, seed, **extra):
         req = run.request
+        if self.enhanced is not None:
+            extra["enhanced_prompt"] = self.enhanced
         return {
             **extra,
             "negative_prompt": req.negative_prompts[0] if req.negative_prompts else " ",
@@ -304,8 +316,20 @@ class Job:
         from .image import save_png
 
         progress = Progress(run.total, f"seed {seed}")
-        run.on_phase = progress.phase
+
+        def phase(name):
+            progress.phase(name)
+            if name == "enhance":
+                click.echo(f"{progress.label}: rewriting the prompt", err=True)
+            if name == "text_encoder" and "enhance" in run.stats:
+                self.enhanced = run.stats["enhance"]["prompts"][0]
+                self.enhance_rate = run.stats["enhance"]["tokens_per_second"]
+                click.echo(f"enhanced prompt: {self.enhanced}", err=True)
+
+        run.on_phase = phase
         image = run.complete("pil", lambda done, _: progress.update(done))[0]
+        if self.enhanced is not None:
+            metadata["enhanced_prompt"] = self.enhanced
         save_png(image, path, metadata, overwrite=self.overwrite)
         stats = run.stats
         self.peak = max([self.peak] + [p.get("peak_memory", 0) for p in stats.values() if isinstance(p, dict)])
@@ -322,6 +346,8 @@ class Job:
     def done(self):
         cached = f", {self.computed} of {self.passes} transformer passes computed in full ({self.cache.label})" \
             if self.cache is not None else ""
+        if self.enhance_rate is not None:
+            cached += f", prompt rewritten at {self.enhance_rate:.1f} tokens/s"
         click.echo(f"done: {len(self.paths)} image(s) in {time.perf_counter() - self.start:.1f} s, "
                    f"peak memory {format_bytes(self.peak)}{cached}", err=True)
 
@@ -374,7 +400,7 @@ def _open_image(path):
 @user_errors
 def generate(prompt, model, width, height, aspect, init_image, strength, steps, cfg_scale, negative_prompt, seed,
              num_images, output, overwrite, quantize, dtype, low_memory, gguf, text_encoder_bits, loras, cache_spec,
-             lightning):
+             enhance_prompt, lightning):
     """Generate images from PROMPT (or redraw --image, img2img)."""
     if aspect is not None and (width is not None or height is not None):
         raise UsageError("--aspect sets the size; do not combine it with --width/--height")
@@ -387,12 +413,12 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
     if aspect:
         width, height = ASPECTS[aspect]
     job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory, gguf,
-              text_encoder_bits, loras, lightning, cache_spec)
+              text_encoder_bits, loras, lightning, cache_spec, enhance_prompt)
     job.check_size(job.check_model(edits=False), width, height, image=picture)
     pipe = job.load()
     for path, s in zip(job.paths, job.seeds):
-        run = pipe.denoise(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=job.steps,
-                           cfg_scale=job.cfg_scale, seed=s, image=picture,
+        run = pipe.denoise(**job.prompt(prompt), negative_prompt=negative_prompt, width=width, height=height,
+                           steps=job.steps, cfg_scale=job.cfg_scale, seed=s, image=picture,
                            strength=strength if picture is not None else None, cache=job.cache)
         extra = {"image": str(init_image), "strength": strength} if picture is not None else {}
         job.save(run, s, path, job.metadata(run, s, prompt=prompt, **extra))
@@ -411,22 +437,54 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
 @shared_options
 @user_errors
 def edit(prompt, images, model, width, height, steps, cfg_scale, negative_prompt, seed, num_images, output,
-         overwrite, quantize, dtype, low_memory, gguf, text_encoder_bits, loras, cache_spec, lightning):
+         overwrite, quantize, dtype, low_memory, gguf, text_encoder_bits, loras, cache_spec, enhance_prompt,
+         lightning):
     """Edit pictures as PROMPT says (Qwen-Image-Edit, Edit-2509, Edit-2511)."""
     for name, v in (("width", width), ("height", height)):
         if v is not None and (v < 16 or v % 16):
             raise UsageError(f"--{name} {v} is not a multiple of 16; use {_nearest16(v)}")
     job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory, gguf,
-              text_encoder_bits, loras, lightning, cache_spec)
+              text_encoder_bits, loras, lightning, cache_spec, enhance_prompt)
     variant = job.check_model(edits=True, pictures=len(images))
     pictures = [_open_image(p) for p in images]
     job.check_size(variant, width, height, images=pictures)
     pipe = job.load()
     for path, s in zip(job.paths, job.seeds):
-        run = pipe.denoise(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=job.steps,
-                           cfg_scale=job.cfg_scale, seed=s, images=pictures, cache=job.cache)
+        run = pipe.denoise(**job.prompt(prompt), negative_prompt=negative_prompt, width=width, height=height,
+                           steps=job.steps, cfg_scale=job.cfg_scale, seed=s, images=pictures, cache=job.cache)
         job.save(run, s, path, job.metadata(run, s, prompt=prompt, images=", ".join(images)))
     job.done()
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--model", default="Qwen/Qwen-Image", show_default=True, help="Checkpoint folder or Hub repo id.")
+@click.option("--image", "images", multiple=True, metavar="FILE",
+              help="A picture to edit (editing checkpoints): the rewrite sees it. Repeatable.")
+@click.option("--max-tokens", type=int, default=256, show_default=True, help="At most this many new tokens.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: the most likely tokens.")
+@click.option("--top-p", type=float, default=0.9, show_default=True, help="Nucleus size when sampling.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
+              help="Weights and activations.")
+@click.option("--text-encoder-bits", type=click.Choice(["8"]), default=None, help="Quantize the text encoder on load.")
+@user_errors
+def enhance(prompt, model, images, max_tokens, temperature, top_p, seed, dtype, text_encoder_bits):
+    """Print PROMPT rewritten by the checkpoint's own text encoder (what --enhance-prompt generates from)."""
+    from .pipeline import QwenImagePipeline
+
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens {max_tokens}: at least 1")
+    if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:
+        raise UsageError("--temperature must be a number of at least 0 and --top-p in (0, 1]")
+    pictures = [_open_image(p) for p in images]
+    pipe = QwenImagePipeline.from_pretrained(model, dtype=dtype,
+                                             text_encoder_bits=int(text_encoder_bits) if text_encoder_bits else None)
+    text, stats = pipe.enhance_prompt(prompt, images=pictures or None, max_tokens=max_tokens, temperature=temperature,
+                                      top_p=top_p, seed=seed)
+    click.echo(text)
+    click.echo(f"{stats['tokens']} tokens in {stats['seconds']:.1f} s ({stats['tokens_per_second']:.1f} tokens/s)",
+               err=True)
 
 
 @cli.command("convert")
@@ -447,8 +505,10 @@ def edit(prompt, images, model, width, height, steps, cfg_scale, negative_prompt
               help="Write the Qwen-Image-Lightning scheduler config (for a baked Lightning LoRA).")
 @click.option("--gguf", default=None, metavar="FILE",
               help="Take the transformer from a GGUF file, quantized as the file has it; the rest from --model.")
+@click.option("--no-lm-head", is_flag=True,
+              help="Leave out the text encoder's LM head (1.1 GB in bf16; --enhance-prompt needs it).")
 @user_errors
-def convert_command(source, output, bits, group_size, dtype, text_encoder_bits, loras, lightning, gguf):
+def convert_command(source, output, bits, group_size, dtype, text_encoder_bits, loras, lightning, gguf, no_lm_head):
     """Convert a checkpoint into an MLX one (float, or 4/8-bit transformer) that loads by itself."""
     from .convert import convert
     from .convert.converter import format_summary
@@ -458,7 +518,8 @@ def convert_command(source, output, bits, group_size, dtype, text_encoder_bits, 
     summary = convert(source, output, bits=int(bits) if bits else None, group_size=int(group_size), dtype=dtype,
                       text_encoder_bits=int(text_encoder_bits) if text_encoder_bits else None,
                       log=lambda line: click.echo(line, err=True), loras=[parse_lora_arg(t) for t in loras],
-                      scheduler_config=LIGHTNING_SCHEDULER_CONFIG if lightning else None, gguf=gguf)
+                      scheduler_config=LIGHTNING_SCHEDULER_CONFIG if lightning else None, gguf=gguf,
+                      lm_head=not no_lm_head)
     for line in format_summary(summary):
         click.echo(line)
 

@@ -40,6 +40,7 @@ class Request:
     strength: float | None = None
     hooks: tuple = ()
     cache: object | None = None  # a step cache setting (`mlx_qwen_image.cache`)
+    enhance: dict | None = None  # rewrite the prompts first (`enhance.rewrite` options)
 
     @property
     def batch(self) -> int:
@@ -228,7 +229,7 @@ def _short(value) -> str:
 
 def make_request(variant: Variant, channels: int, fixed_steps: int | None, prompt, negative_prompt=None, width=None,
                  height=None, steps=None, cfg_scale=None, seed=0, latents=None, images=None, image=None,
-                 strength=None, hooks=(), cache=None) -> Request:
+                 strength=None, hooks=(), cache=None, enhance_prompt=False) -> Request:
     """Check a run's arguments against the checkpoint (``variant``, the transformer's latent ``channels``, the
     scheduler's ``fixed_steps``) and resolve the defaults; every mistake is a one-line ``ValueError``."""
     prompts = check_prompts(prompt)
@@ -278,5 +279,10 @@ def make_request(variant: Variant, channels: int, fixed_steps: int | None, promp
             raise ValueError(f"seed must be in [0, 2**63 - {len(prompts)}), got {seed}")
     if cache is not None and not callable(getattr(cache, "start", None)):
         raise ValueError(f"cache must be a step cache (mlx_qwen_image.cache), got {_short(cache)}")
+    if not isinstance(enhance_prompt, (bool, dict)):
+        raise ValueError(f"enhance_prompt must be true, false or a dict of options, got {_short(enhance_prompt)}")
+    enhance = ({} if enhance_prompt is True else enhance_prompt) or None
+    if enhance_prompt is not False and enhance is None:
+        enhance = {}
     return Request(tuple(prompts), tuple(negatives) if negatives else None, width, height, steps, cfg_scale, seed,
-                   latents, pictures, picture, strength, tuple(hooks), cache)
+                   latents, pictures, picture, strength, tuple(hooks), cache, enhance)

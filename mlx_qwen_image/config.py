@@ -257,6 +257,7 @@ class TextEncoderConfig:
     # Frequency pairs per position axis (temporal, height, width) of the multimodal RoPE; they sum to head_dim/2.
     mrope_section: tuple[int, int, int] = (16, 24, 24)
     vision_config: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    tie_word_embeddings: bool = False  # the LM head is the token embedding (the released 7B model has its own)
     quantization: dict | None = None
 
     @classmethod

@@ -242,8 +242,14 @@ def job_args(body: dict, width=None, height=None) -> tuple[dict, int, int, str]:
         raise ApiError(400, "prompt is required: a non-empty string", param="prompt", code="invalid_value")
     cfg = _field(body, "cfg_scale", float) if body.get("cfg_scale") is not None else _field(body, "true_cfg_scale",
                                                                                             float)
+    enhance = body.get("enhance_prompt", False)
+    if isinstance(enhance, str):  # multipart forms
+        enhance = enhance.lower() == "true"
+    if not isinstance(enhance, bool):
+        raise ApiError(400, "enhance_prompt must be true or false", param="enhance_prompt", code="invalid_type")
     args = {"prompt": prompt, "negative_prompt": _field(body, "negative_prompt", str), "width": width,
-            "height": height, "steps": _field(body, "steps", int, low=1, high=1000), "cfg_scale": cfg}
+            "height": height, "steps": _field(body, "steps", int, low=1, high=1000), "cfg_scale": cfg,
+            "enhance_prompt": enhance}
     seed = _field(body, "seed", int, low=-1, high=2**63 - 1 - MAX_IMAGES_PER_REQUEST)
     seed = random.randrange(2**31) if seed is None or seed == -1 else seed
     n = _field(body, "n", int, default=1, low=1, high=MAX_IMAGES_PER_REQUEST)

@@ -111,6 +111,11 @@ def shard_files(folder: Path) -> list[Path]:
     return files
 
 
+def tensor_names(folder: Path) -> set[str]:
+    """The tensor names of a component's shards, from their headers (nothing else is read)."""
+    return {name for file in shard_files(folder) for name in check_safetensors(file) if name != "__metadata__"}
+
+
 def lazy_weights(folder: Path) -> dict[str, mx.array]:
     """Every tensor of a component's shards, as lazy arrays (read from disk only when evaluated)."""
     weights = {}

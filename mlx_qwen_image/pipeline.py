@@ -12,6 +12,7 @@ thread (`runtime`), so that lazily loaded weights are always evaluated where the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from functools import partial
@@ -308,13 +309,15 @@ class QwenImagePipeline:
     # -- runs ----------------------------------------------------------------------------------------------
 
     def denoise(self, prompt, negative_prompt=None, width=None, height=None, steps=None, cfg_scale=None, seed=0,
-                latents=None, images=None, image=None, strength=None, low_memory=None, hooks=(), cache=None) -> Run:
+                latents=None, images=None, image=None, strength=None, low_memory=None, hooks=(), cache=None,
+                enhance_prompt=False) -> Run:
         """A `Run` of ``generate``'s request: iterate it for the evaluated latents after each step, then
         ``run.complete()`` decodes. Everything about the request is checked here, before any work."""
         request = make_request(self.variant, self.transformer.config.in_channels, self.scheduler.fixed_steps,
                                prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                                steps=steps, cfg_scale=cfg_scale, seed=seed, latents=latents, images=images,
-                               image=image, strength=strength, hooks=hooks, cache=cache)
+                               image=image, strength=strength, hooks=hooks, cache=cache,
+                               enhance_prompt=enhance_prompt)
         config = self.transformer.config
         message = memory.refuse_size(request.width, request.height, request.cfg_scale > 1, config.inner_dim,
                                      config.num_attention_heads)
@@ -339,19 +342,21 @@ class QwenImagePipeline:
 
     def generate(self, prompt, negative_prompt=None, width=None, height=None, steps=None, cfg_scale=None, seed=0,
                  latents=None, output="pil", images=None, image=None, strength=None, low_memory=None, hooks=(),
-                 cache=None, progress=None):
+                 cache=None, enhance_prompt=False, progress=None):
         """Images for ``prompt`` (a string: one image; a list: one per prompt, seeds ``seed``, ``seed + 1`` ...).
 
         ``images=[...]``: the pictures an editing checkpoint edits. ``image=`` with ``strength=`` (default 0.6):
         img2img on a text-to-image checkpoint. Steps, CFG scale and size default to the checkpoint's (size: the
         (last) picture's aspect at about 1024x1024 when there is one). ``progress(done, total)`` is called after
-        each step. ``cache``: a step cache (`mlx_qwen_image.cache`). What a checkpoint cannot do is refused with a
-        ``ValueError`` saying what it can do.
+        each step. ``cache``: a step cache (`mlx_qwen_image.cache`). ``enhance_prompt``: rewrite the prompt first with
+        the text encoder run as a chat model (True, or a dict of `enhance.rewrite` options; the rewrite is in the
+        run's ``stats["enhance"]``). What a checkpoint cannot do is refused with a ``ValueError`` saying what it
+        can do.
         """
         if output not in ("pil", "np"):
             raise ValueError(f"output must be 'pil' or 'np', got {output!r}")
         run = self.denoise(prompt, negative_prompt, width, height, steps, cfg_scale, seed, latents, images, image,
-                           strength, low_memory, hooks, cache)
+                           strength, low_memory, hooks, cache, enhance_prompt)
         pictures = run.complete(output, progress)
         return pictures[0] if isinstance(prompt, str) else pictures
 
@@ -373,6 +378,8 @@ class QwenImagePipeline:
             _phase(stats, name, start)
 
         with runtime.wired_limit():
+            if req.enhance is not None and run.conditioning is None:
+                req = self._enhance(req, phase, stats)
             cond = run.conditioning or builder(req)(self, req, phase)
             run.tell("denoise")
             start = _phase_start()
@@ -411,6 +418,25 @@ class QwenImagePipeline:
                 if cache is not None:
                     stats["cache"] = cache.finish()
                 _phase(stats, "denoise", start)
+
+    def _enhance(self, req: Request, phase, stats: dict) -> Request:
+        """The request with its prompts rewritten (in the text-encoder phase: the same weights, loaded once)."""
+        pictures = edit_pictures(self.variant, req.images)[0] if req.images else None
+        rewritten, tokens, seconds = [], 0, 0.0
+        with phase("enhance"):
+            for prompt in req.prompts:
+                text, info = self.prompts.enhance(prompt, pictures, **req.enhance)
+                rewritten.append(text)
+                tokens, seconds = tokens + info["tokens"], seconds + info["seconds"]
+        stats["enhance"].update(prompts=rewritten, tokens=tokens, tokens_per_second=tokens / max(seconds, 1e-9))
+        return dataclasses.replace(req, prompts=tuple(rewritten))
+
+    def enhance_prompt(self, prompt: str, images=None, **options) -> tuple[str, dict]:
+        """``prompt`` rewritten (pictures: an editing checkpoint's, which the rewrite sees) and the decoding stats."""
+        prompt = check_prompts(prompt)[0]
+        pictures = edit_pictures(self.variant, pictures_list(images, self.variant))[0] if images is not None else None
+        with self._lock:
+            return runtime.call(self.prompts.enhance, prompt, pictures, **options)
 
     @staticmethod
     def _velocity(model, x, cond, reference, img_shapes, modulations, timestep, rows, cache=None) -> mx.array:

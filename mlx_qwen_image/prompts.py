@@ -17,7 +17,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .loading import load_model
+from .config import read_json
+from .loading import load_model, tensor_names
 from .quantize import apply_plan, is_quantized, text_encoder_plan
 from .variants import PICTURE_TOKENS, TEMPLATE_SUFFIX_TOKENS, Variant
 
@@ -60,7 +61,12 @@ class PromptEncoder:
         if self.text_encoder is None and self.source is not None:
             folder, dtype, bits = self.source
             cls = self.variant.model_class("text_encoder")
-            self.text_encoder = load_model(cls, folder, dtype, **self.variant.build_options("text_encoder"))
+            # The LM head (the prompt enhancer's) is built when the checkpoint has it; it stays lazy until used.
+            config = read_json(folder / "config.json")
+            tied = {**config, **(config.get("text_config") or {})}.get("tie_word_embeddings", False)
+            head = tied is True or any(name.startswith("lm_head.") for name in tensor_names(folder))
+            build = self.variant.build_options("text_encoder")
+            self.text_encoder = load_model(cls, folder, dtype, lm_head=head, **build)
             if bits and not is_quantized(self.text_encoder):
                 apply_plan(self.text_encoder, text_encoder_plan(self.text_encoder, bits))
         return self.text_encoder
@@ -125,6 +131,12 @@ class PromptEncoder:
         drop = self.variant.drop
         mask = mx.array(mask[:, drop:])
         return mx.where(mask[..., None].astype(mx.bool_), hidden[:, drop:], 0), mask
+
+    def enhance(self, prompt: str, pictures=None, **options) -> tuple[str, dict]:
+        """``prompt`` rewritten by the text encoder run as a chat model (`enhance.rewrite`)."""
+        from .enhance import rewrite
+
+        return rewrite(self, prompt, pictures, **options)
 
     def features(self, rows: list[str], pictures=None):
         """Evaluated features for a text-encoder batch, through the cache."""

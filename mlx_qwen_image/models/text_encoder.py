@@ -52,21 +52,43 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
-    def __call__(self, x: mx.array, mask: mx.array | str, rope: tuple[mx.array, mx.array] | None) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | str | None, rope: tuple[mx.array, mx.array] | None,
+                 cache: "KVCache | None" = None) -> mx.array:
         batch, length, _ = x.shape
         q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         if rope is None:
-            # Text only, right-padded: every sequence starts at position 0, so one offset serves the batch.
-            q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=0)
-            k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=0)
+            # Text only, right-padded: every sequence starts at position 0 (or the cached length), so one
+            # offset serves the batch.
+            offset = 0 if cache is None else cache.length
+            q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
+            k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
         else:
             cos, sin = rope  # (B, 1, L, head_dim), in x's dtype as transformers rounds them
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+
+class KVCache:
+    """A layer's keys and values of the tokens seen so far, for decoding one token at a time."""
+
+    def __init__(self):
+        self.keys = self.values = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is not None:
+            keys, values = mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
+        self.keys, self.values = keys, values
+        return keys, values
 
 
 class MLP(nn.Module):
@@ -88,8 +110,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array | str, rope: tuple[mx.array, mx.array] | None) -> mx.array:
-        x = x + self.self_attn(self.input_layernorm(x), mask, rope)
+    def __call__(self, x: mx.array, mask, rope, cache: KVCache | None = None) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), mask, rope, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -100,10 +122,11 @@ class LanguageModel(nn.Module):
         self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array | str, rope: tuple[mx.array, mx.array] | None) -> mx.array:
-        """Final normed hidden states of the input embeddings ``x``; ``rope`` None means 1-D positions."""
-        for layer in self.layers:
-            x = layer(x, mask, rope)
+    def __call__(self, x: mx.array, mask, rope, caches: list[KVCache] | None = None) -> mx.array:
+        """Final normed hidden states of the input embeddings ``x``; ``rope`` None means 1-D positions (after
+        the cached tokens, with ``caches``)."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, rope, None if caches is None else caches[i])
         return self.norm(x)
 
 
@@ -143,25 +166,29 @@ def mrope_positions(input_ids: np.ndarray, attention_mask: np.ndarray | None, im
 
 
 class QwenTextEncoder(nn.Module):
-    def __init__(self, config: TextEncoderConfig, vision: bool = False):
+    def __init__(self, config: TextEncoderConfig, vision: bool = False, lm_head: bool = False):
         super().__init__()
         self.config = config
         self.model = LanguageModel(config)
         if vision:
             self.visual = VisionModel(config.vision_config)
+        if lm_head and not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.generates = lm_head
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], vision: bool = False) -> "QwenTextEncoder":
-        """``vision=True`` builds the vision tower too (the editing models); text-to-image leaves it out."""
-        return cls(TextEncoderConfig.from_dict(config), vision=vision)
+    def from_config(cls, config: dict[str, Any], vision: bool = False, lm_head: bool = False) -> "QwenTextEncoder":
+        """``vision=True`` builds the vision tower too (the editing models); text-to-image leaves it out.
+        ``lm_head=True`` builds the language-model head, to generate text (the prompt enhancer)."""
+        return cls(TextEncoderConfig.from_dict(config), vision=vision, lm_head=lm_head)
 
     @property
     def has_vision(self) -> bool:
         return "visual" in self
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Map transformers 4.x and 5.x checkpoint names to ours, lazily; drops the LM head (features are
-        taken before it) and, for a model built without it, the vision tower."""
+        """Map transformers 4.x and 5.x checkpoint names to ours, lazily; drops the LM head unless the model was
+        built with it, and, for a model built without it, the vision tower."""
         out, visual = {}, {}
         for name, value in weights.items():
             if name.startswith("model.language_model."):
@@ -170,7 +197,7 @@ class QwenTextEncoder(nn.Module):
                 name = name[len("model.") :]
             if name.startswith("visual."):
                 visual[name[len("visual.") :]] = value
-            elif not name.startswith("lm_head."):
+            elif not name.startswith("lm_head.") or "lm_head" in self:
                 out[name] = value
         if self.has_vision:
             out.update({"visual." + k: v for k, v in self.visual.sanitize(visual).items()})
@@ -193,6 +220,11 @@ class QwenTextEncoder(nn.Module):
         ``image_embeds``, the tower's output ``self.visual(pixel_values, image_grid_thw)`` computed earlier
         (to encode a positive and a negative prompt against the same pictures once).
         """
+        x, mask, rope, _ = self._inputs(input_ids, attention_mask, pixel_values, image_grid_thw, image_embeds)
+        return self.model(x, mask, rope)
+
+    def _inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, image_embeds):
+        """(input embeddings, mask, RoPE tables or None for 1-D positions, 3-D positions or None)."""
         length = input_ids.shape[1]
         if attention_mask is None:
             mask = "causal"
@@ -203,7 +235,7 @@ class QwenTextEncoder(nn.Module):
             mask = causal[None, None] & attention_mask.astype(mx.bool_)[:, None, None, :]
         x = self.model.embed_tokens(input_ids)
         if pixel_values is None and image_embeds is None:
-            return self.model(x, mask, None)
+            return x, mask, None, None
 
         if image_embeds is None:
             if not self.has_vision:
@@ -222,7 +254,33 @@ class QwenTextEncoder(nn.Module):
         merge = self.config.vision_config.spatial_merge_size
         mask_np = None if attention_mask is None else np.array(attention_mask)
         positions = mrope_positions(ids, mask_np, image_grid_thw, self.config.image_token_id, merge)
-        return self.model(x, mask, self.mrope_tables(positions, x.dtype))
+        return x, mask, self.mrope_tables(positions, x.dtype), positions
+
+    # -- generating text (the prompt enhancer) -------------------------------------------------------------------
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        if not self.generates:
+            raise ValueError("this text encoder was built without its language-model head (from_config(..., "
+                             "lm_head=True))")
+        return self.lm_head(hidden) if "lm_head" in self else self.model.embed_tokens.as_linear(hidden)
+
+    def start(self, input_ids: mx.array, pixel_values=None, image_grid_thw=None):
+        """Read a prompt (batch 1, with its pictures): the logits of its last position, and the state `step` goes
+        on from (a KV cache per layer, and the next 3-D position when there are pictures)."""
+        x, mask, rope, positions = self._inputs(input_ids, None, pixel_values, image_grid_thw, None)
+        caches = [KVCache() for _ in self.model.layers]
+        hidden = self.model(x, mask, rope, caches)
+        return self.logits(hidden[:, -1]), [caches, None if positions is None else int(positions.max()) + 1]
+
+    def step(self, token: int, state) -> mx.array:
+        """The logits after one more token; ``state`` (from `start`) advances."""
+        caches, position = state
+        x = self.model.embed_tokens(mx.array([[token]], dtype=mx.int32))
+        rope = None
+        if position is not None:  # after pictures every axis goes on from the largest position, together
+            rope = self.mrope_tables(np.full((3, 1, 1), position, dtype=np.int64), x.dtype)
+            state[1] = position + 1
+        return self.logits(self.model(x, None, rope, caches)[:, -1])
 
     def mrope_tables(self, positions: np.ndarray, dtype) -> tuple[mx.array, mx.array]:
         """cos/sin ``(B, 1, L, head_dim)`` for 3-D positions ``(3, B, L)``: frequency k turns with the axis
