@@ -83,6 +83,8 @@ def parse_args(argv=None, prog: str = "python -m benchmarks.bench") -> argparse.
                    help="also time whole --steps images (CFG) with and without this step cache, e.g. first-block:0.1")
     p.add_argument("--no-text-encoder", action="store_true")
     p.add_argument("--no-vae", action="store_true")
+    p.add_argument("--parallel", choices=["cfg", "tensor", "data"], default=None,
+                   help="under mlx.launch: split the transformer steps over the ranks this way")
     p.add_argument("--tiny", action="store_true", help="CI-sized components (seconds; figures meaningless)")
     p.add_argument("--out", default=None, help="output path without extension")
     p.add_argument("--check-efficiency", type=float, default=None,
@@ -184,9 +186,11 @@ class RandomTimestepWeights:
         return out
 
 
-def bench_transformer(args, dtype, cfg: TransformerConfig, n_img: int, reference: MatmulReference) -> dict:
+def bench_transformer(args, dtype, cfg: TransformerConfig, n_img: int, reference: MatmulReference,
+                      group=None) -> dict:
     """Denoising steps of the pipeline's own loop (modulation table, transformer, CFG combination, Euler update),
-    with CFG on and off, on a random transformer; each run stops after warm-up + trials steps."""
+    with CFG on and off, on a random transformer; each run stops after warm-up + trials steps. With a ``group``,
+    split over its ranks as ``--parallel`` says (every rank draws the same random weights)."""
     mx.random.seed(args.seed)
     model = QwenImageTransformer(cfg)  # random weights, lazy until first used
     model.set_dtype(dtype)
@@ -194,11 +198,16 @@ def bench_transformer(args, dtype, cfg: TransformerConfig, n_img: int, reference
         from mlx_qwen_image.quantize import quantize_transformer
 
         quantize_transformer(model, args.quantize)
+    if args.parallel == "tensor":
+        from mlx_qwen_image.distributed import shard_transformer
+
+        shard_transformer(model, group)
     mx.eval(model.parameters())
     model.mark_timestep_path()
     pipe = QwenImagePipeline(transformer=model, scheduler=FlowMatchEulerScheduler(),
                              timestep_source=RandomTimestepWeights())
     pipe.free_timestep_weights = not args.keep_modulation_weights
+    pipe.group, pipe.parallel = group, args.parallel
     rng = np.random.default_rng(args.seed)
     L = args.text_tokens
     txt = mx.array(rng.standard_normal((2, L, cfg.joint_attention_dim)).astype(np.float32)).astype(dtype)
@@ -279,7 +288,7 @@ def bench_vae(args, dtype) -> dict:
     return out
 
 
-def run(args) -> dict:
+def run(args, group=None) -> dict:
     dtype = DTYPES[args.dtype]
     n_img = (args.height // 16) * (args.width // 16)
     blocks = auto_blocks(args, n_img) if args.blocks == "auto" else int(args.blocks)
@@ -295,6 +304,11 @@ def run(args) -> dict:
                    "modulations": "table", "keep_modulation_weights": args.keep_modulation_weights,
                    "tiny": args.tiny},
     }
+    if group is not None:
+        from .communication import traffic_rows
+
+        result["parallel"] = {"mode": args.parallel, "ranks": group.size(),
+                              "traffic": traffic_rows(ranks=group.size())}
     mx.random.seed(args.seed)
     # The CFG step's own linear shapes: image and text streams, batch 2.
     streams = (2 * n_img, 2 * args.text_tokens)
@@ -306,7 +320,7 @@ def run(args) -> dict:
         phases["text_encoder"] = bench_text_encoder(args, dtype)
     compiled, transformer_module.COMPILE = transformer_module.COMPILE, not args.no_compile
     try:
-        tr = bench_transformer(args, dtype, cfg, n_img, reference)
+        tr = bench_transformer(args, dtype, cfg, n_img, reference, group)
     finally:
         transformer_module.COMPILE = compiled
     del reference
@@ -350,12 +364,30 @@ def default_out(result: dict) -> Path:
     c = result["config"]
     quant = f"-q{c['quantize']}" if c["quantize"] else ""
     tiny = "-tiny" if c["tiny"] else ""
-    return RESULTS / f"{result['device']['type']}-{c['width']}x{c['height']}-{c['blocks']}b-{c['dtype']}{quant}{tiny}"
+    split = f"-{result['parallel']['mode']}{result['parallel']['ranks']}" if "parallel" in result else ""
+    return RESULTS / (f"{result['device']['type']}-{c['width']}x{c['height']}-{c['blocks']}b-{c['dtype']}{quant}"
+                      f"{split}{tiny}")
 
 
 def main(argv=None, prog: str = "python -m benchmarks.bench") -> int:
     args = parse_args(argv, prog)
-    result = runtime.call(run, args)  # the pipeline's MLX work belongs on the MLX owner thread
+    group = None
+    if args.parallel:
+        from mlx_qwen_image.distributed import DistributedError, choose, connect
+
+        group = connect()
+        if group is None:
+            print(f"--parallel {args.parallel}: run under mlx.launch (e.g. mlx.launch --backend ring -n 2 -- "
+                  f"{prog} --parallel {args.parallel})", file=sys.stderr)
+            return 2
+        try:
+            choose(args.parallel, group, cfg=True, images=1, fits_one=True)
+        except DistributedError as e:
+            print(e, file=sys.stderr)
+            return 2
+    result = runtime.call(run, args, group)  # the pipeline's MLX work belongs on the MLX owner thread
+    if group is not None and group.rank() != 0:
+        return 0  # rank 0 reports
     out = Path(args.out) if args.out else default_out(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(result)

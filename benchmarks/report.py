@@ -98,6 +98,21 @@ def markdown(result: dict) -> str:
     lines += ["", f"Transformer weights resident during the steps: {_gb(w['resident_bytes'])}"
               f" (modulation weights {'dropped' if w['modulation_weights_dropped'] else 'kept'})."]
 
+    if "parallel" in result:
+        from .communication import markdown as traffic_table
+
+        par = result["parallel"]
+        how = {"cfg": "rank 0 the prompt's branch, rank 1 the negative prompt's; the CFG step's figures are one "
+                      "rank's, the exchange included",
+               "tensor": f"every block split {par['ranks']} ways; the figures and the resident weights are one "
+                         "rank's",
+               "data": "each rank makes its own images: the step as alone, images per hour times the ranks"}
+        t = par["traffic"][0]
+        lines += ["", f"Several Macs: {par['ranks']} ranks, --parallel {par['mode']} ({how[par['mode']]}). What "
+                      f"each mode sends per CFG step of the full model at {t['size']} ({t['text_tokens']} text "
+                      "tokens, bf16), counted from the shapes, and the time it takes at each link's nominal rate "
+                      "(a lower bound):", "", *traffic_table(par["traffic"])]
+
     proj = result.get("projection")
     if proj:
         lines += ["", "Full model (60 blocks, 28 text layers) at this size — "

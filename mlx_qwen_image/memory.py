@@ -46,10 +46,11 @@ def component_bytes(folder: Path, quantize: int | None, dtype: str, skip=("visua
 
 def estimate_bytes(model, quantize: int | None, width: int, height: int, cfg: bool, low_memory: bool,
                    dtype: str = "bfloat16", text_encoder_bits: int | None = None,
-                   variant: Variant = DEFAULT_TEXT_TO_IMAGE, gguf=None) -> float:
+                   variant: Variant = DEFAULT_TEXT_TO_IMAGE, gguf=None, ranks: int = 1) -> float:
     """Peak bytes of a run: the weights resident at once plus activation headroom. With ``low_memory`` the text
     encoder and the transformer are never resident together. ``variant`` gives the parameter counts of a
-    checkpoint that is not on disk yet; with ``gguf``, the transformer is that file's size."""
+    checkpoint that is not on disk yet; with ``gguf``, the transformer is that file's size. ``ranks``: the
+    transformer split that many ways (tensor parallelism; rank 0, with the text encoder, is the fullest)."""
     folder = Path(str(model)).expanduser()
     transformer = text = None
     if gguf is not None and Path(gguf).is_file():
@@ -61,6 +62,7 @@ def estimate_bytes(model, quantize: int | None, width: int, height: int, cfg: bo
         transformer = variant.transformer_params * bytes_per_param(quantize, dtype)
     if text is None:
         text = variant.text_encoder_params * bytes_per_param(text_encoder_bits, dtype)
+    transformer /= ranks
     return (max(transformer, text) if low_memory else transformer + text) + activation_bytes(width, height, cfg)
 
 
@@ -117,9 +119,10 @@ def total_memory() -> int | None:
 
 
 def too_large(model, quantize, width, height, cfg, low_memory, dtype="bfloat16", text_encoder_bits=None,
-              variant: Variant = DEFAULT_TEXT_TO_IMAGE, gguf=None) -> str | None:
+              variant: Variant = DEFAULT_TEXT_TO_IMAGE, gguf=None, ranks: int = 1) -> str | None:
     """A one-line warning when a run's estimated peak exceeds 90% of this machine's memory, else None."""
-    need = estimate_bytes(model, quantize, width, height, cfg, low_memory, dtype, text_encoder_bits, variant, gguf)
+    need = estimate_bytes(model, quantize, width, height, cfg, low_memory, dtype, text_encoder_bits, variant, gguf,
+                          ranks)
     have = total_memory()
     if not have or need <= 0.9 * have:
         return None

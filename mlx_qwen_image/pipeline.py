@@ -164,6 +164,7 @@ class QwenImagePipeline:
         self._lock = threading.RLock()
         self._timestep_source = timestep_source
         self.root: Path | None = None  # the checkpoint folder, when loaded from one
+        self.group, self.parallel = None, None  # an mx.distributed group and how runs split over it
 
     # The text side lives in `prompts`; these are its parts under the names diffusers users know.
     text_encoder = property(lambda self: self.prompts.text_encoder,
@@ -184,7 +185,8 @@ class QwenImagePipeline:
     def from_pretrained(cls, path_or_repo_id: str | Path = DEFAULT_MODEL, quantize: int | None = None,
                         dtype="bfloat16", loras=(), text_encoder_bits: int | None = None,
                         scheduler_config: dict | None = None, low_memory: bool = False,
-                        gguf: str | Path | None = None) -> "QwenImagePipeline":
+                        gguf: str | Path | None = None, group=None, parallel: str | None = None
+                        ) -> "QwenImagePipeline":
         """Load any supported checkpoint (a local diffusers-layout folder or a Hub repo id); weights load lazily.
 
         ``loras``: (path, scale) pairs, fused into the float weights before ``quantize`` applies (on an already
@@ -192,6 +194,8 @@ class QwenImagePipeline:
         encoder's language model on load. ``scheduler_config`` replaces the checkpoint's (e.g.
         ``scheduler.LIGHTNING_SCHEDULER_CONFIG``). ``low_memory``: the default memory policy of runs. ``gguf``: a
         GGUF file the transformer's weights come from (everything else comes from the checkpoint folder).
+        ``group`` (`distributed.connect()`) and ``parallel`` ("cfg", "tensor" or "data"): how runs split over the
+        ranks of several Macs (`distributed`); "tensor" shards the transformer as it loads.
         """
         if quantize not in (None, 4, 8):
             raise ValueError(f"quantize must be None, 4 or 8, got {quantize!r}")
@@ -205,9 +209,12 @@ class QwenImagePipeline:
         with naming("scheduler_config" if scheduler_config is not None else scheduler_file):
             scheduler = scheduler_from_config(scheduler_config if scheduler_config is not None
                                               else read_json(scheduler_file))
+        if parallel is not None and group is None:
+            raise ValueError(f"parallel={parallel!r} needs a group of ranks (distributed.connect() under mlx.launch)")
         pipe = runtime.call(cls._load, root, variant, dt, quantize, list(loras), text_encoder_bits, scheduler,
-                            None if gguf is None else Path(gguf).expanduser())
+                            None if gguf is None else Path(gguf).expanduser(), group if parallel == "tensor" else None)
         pipe.low_memory = low_memory
+        pipe.group, pipe.parallel = group, parallel
         return pipe
 
     @classmethod
@@ -216,7 +223,7 @@ class QwenImagePipeline:
 
     @classmethod
     def _load(cls, root, variant, dtype, quantize, loras, text_encoder_bits, scheduler,
-              gguf_file=None) -> "QwenImagePipeline":
+              gguf_file=None, shard_over=None) -> "QwenImagePipeline":
         if gguf_file is not None:
             transformer, source = _gguf_transformer(variant, root, gguf_file, dtype, quantize)
         else:
@@ -234,6 +241,10 @@ class QwenImagePipeline:
             apply_lora(transformer, loras)
         if quantize and not is_quantized(transformer):
             quantize_model(transformer, bits=quantize)
+        if shard_over is not None:
+            from .distributed import shard_transformer
+
+            shard_transformer(transformer, shard_over)  # the timestep path stays whole: it is freed for the loop
         if source.fuses_loras:
             transformer.mark_timestep_path()
         pipe = cls(
@@ -245,7 +256,10 @@ class QwenImagePipeline:
             processor=QwenImageProcessor.from_pretrained(root / "processor") if variant.vision else None,
         )
         pipe.prompts.source = (root / "text_encoder", dtype, text_encoder_bits)
-        pipe.prompts.load()
+        if shard_over is not None:  # the memory mode: rank 0 alone holds the text encoder
+            pipe.prompts.share = shard_over
+        if shard_over is None or shard_over.rank() == 0:
+            pipe.prompts.load()
         pipe._timestep_source = source
         pipe.loras = list(loras)
         pipe.root = root
@@ -396,13 +410,15 @@ class QwenImagePipeline:
             if cond.reference is not None:
                 reference = mx.broadcast_to(cond.reference.astype(model.dtype), (batch, *cond.reference.shape[1:]))
             img_shapes, step_seconds = [cond.segments] * rows, []
-            cache = None if req.cache is None else req.cache.start(schedule.steps, batch, 2 if cond.cfg else 1)
+            branch = self._branch(cond)
+            branches = 2 if cond.cfg and branch is None else 1
+            cache = None if req.cache is None else req.cache.start(schedule.steps, batch, branches)
             hooks = ((cache,) if cache is not None else ()) + tuple(cond.hooks)
             try:
                 for i in range(schedule.steps):
                     t0 = time.perf_counter()
                     compute = partial(self._velocity, model, x, cond, reference, img_shapes, table[i],
-                                      schedule.timesteps[i], rows, cache)
+                                      schedule.timesteps[i], rows, cache, branch)
                     for hook in reversed(hooks):
                         compute = partial(hook.predict, i, float(schedule.sigmas[i]), compute)
                     x = self.scheduler.step(x, compute(), schedule, i)
@@ -439,16 +455,34 @@ class QwenImagePipeline:
             return runtime.call(self.prompts.enhance, prompt, pictures, **options)
 
     @staticmethod
-    def _velocity(model, x, cond, reference, img_shapes, modulations, timestep, rows, cache=None) -> mx.array:
+    def _velocity(model, x, cond, reference, img_shapes, modulations, timestep, rows, cache=None,
+                  branch=None) -> mx.array:
+        """One step's velocity: [cond; uncond] in one batched call, or under CFG-parallel (``branch`` = (this
+        rank's text features, mask, group)) this rank's branch, then the other's through one all-gather."""
         inp = x.astype(model.dtype)
         if reference is not None:
             inp = mx.concatenate([inp, reference], axis=1)
+        if branch is not None:
+            embeds, mask, group = branch
+            t = mx.full((cond.batch,), timestep, dtype=mx.float32)
+            v = model(inp, embeds, mask, t, img_shapes[: cond.batch], modulations=modulations, cache=cache)
+            v = mx.distributed.all_gather(v[:, : cond.image_tokens], group=group)  # rank order: [cond; uncond]
+            return guided(v[: cond.batch], v[cond.batch:], cond.cfg_scale)
         t = mx.full((rows,), timestep, dtype=mx.float32)
         v = model(mx.concatenate([inp, inp]) if cond.cfg else inp, cond.embeds, cond.mask, t, img_shapes,
                   modulations=modulations, cache=cache)
         if reference is not None:
             v = v[:, : cond.image_tokens]
         return guided(v[: cond.batch], v[cond.batch:], cond.cfg_scale) if cond.cfg else v
+
+    def _branch(self, cond: Conditioning):
+        """Under CFG-parallel, this rank's text rows (rank 0 the prompts, rank 1 the negative ones), else None."""
+        if self.parallel != "cfg" or not cond.cfg:
+            return None
+        rows = slice(self.group.rank() * cond.batch, (self.group.rank() + 1) * cond.batch)
+        embeds, mask = cond.embeds[rows], cond.mask[rows]
+        mx.eval(embeds, mask)
+        return embeds, mask, self.group
 
     def _noise(self, req: Request, n: int) -> mx.array:
         """Packed float32 noise ``(batch, n, C)``: the request's latents, or item ``i`` from seed ``seed + i``."""

@@ -55,6 +55,7 @@ class PromptEncoder:
         self.variant, self.tokenizer, self.text_encoder, self.processor = variant, tokenizer, text_encoder, processor
         self.source = source
         self.cache: FeatureCache | None = FeatureCache()
+        self.share = None  # an mx.distributed group whose rank 0 alone runs the text encoder and sends the features
 
     def load(self):
         """The text encoder, loaded (lazily) from ``source`` if it was freed."""
@@ -113,14 +114,19 @@ class PromptEncoder:
     def encode_tokens(self, sequences: list[list[int]], pixel_values=None, grids=None):
         """Features and mask of tokenized prompts (template included), padded right into one text-encoder batch,
         the template's leading tokens dropped; with the processor's ``pixel_values`` and ``grids`` of the pictures
-        whose ``<|image_pad|>`` runs the sequences hold."""
-        encoder = self.load()
+        whose ``<|image_pad|>`` runs the sequences hold. Under ``share``, rank 0's features reach every rank."""
         lengths = [len(ids) for ids in sequences]
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
         ids = np.full((len(sequences), max(lengths)), pad, dtype=np.int32)
         mask = np.zeros(ids.shape, dtype=np.int32)
         for i, s in enumerate(sequences):
             ids[i, : len(s)], mask[i, : len(s)] = s, 1
+        drop = self.variant.drop
+        keep = mx.array(mask[:, drop:])
+        if self.share is not None and self.share.rank() != 0:  # every rank tokenized alike: the shape is known
+            features = mx.zeros((len(sequences), ids.shape[1] - drop, self._hidden_size()), dtype=self.source[1])
+            return mx.distributed.all_sum(features, group=self.share), keep  # rank 0's, as the others send zeros
+        encoder = self.load()
         padding = mx.array(mask) if min(lengths) < max(lengths) else None
         if pixel_values is not None:
             features = encoder.visual(mx.array(pixel_values), grids)  # once; every prompt row reuses it
@@ -128,15 +134,25 @@ class PromptEncoder:
                              image_embeds=mx.concatenate([features] * len(sequences)))
         else:
             hidden = encoder(mx.array(ids), padding)
-        drop = self.variant.drop
-        mask = mx.array(mask[:, drop:])
-        return mx.where(mask[..., None].astype(mx.bool_), hidden[:, drop:], 0), mask
+        features = mx.where(keep[..., None].astype(mx.bool_), hidden[:, drop:], 0)
+        if self.share is not None:
+            features = mx.distributed.all_sum(features, group=self.share)
+        return features, keep
+
+    def _hidden_size(self) -> int:
+        config = read_json(self.source[0] / "config.json")
+        return {**config, **(config.get("text_config") or {})}["hidden_size"]
 
     def enhance(self, prompt: str, pictures=None, **options) -> tuple[str, dict]:
         """``prompt`` rewritten by the text encoder run as a chat model (`enhance.rewrite`)."""
         from .enhance import rewrite
 
-        return rewrite(self, prompt, pictures, **options)
+        if self.share is None:
+            return rewrite(self, prompt, pictures, **options)
+        from .distributed import broadcast_json
+
+        answer = rewrite(self, prompt, pictures, **options) if self.share.rank() == 0 else None
+        return tuple(broadcast_json(self.share, answer))  # rank 0's rewrite, on every rank
 
     def features(self, rows: list[str], pictures=None):
         """Evaluated features for a text-encoder batch, through the cache."""
