@@ -177,7 +177,7 @@ def _validate_source(root: Path, variant):
     from mlx_qwen_image.scheduler import scheduler_from_config
     from mlx_qwen_image.tokenizer import QwenTokenizer
 
-    QwenTokenizer.from_pretrained(root / "tokenizer")
+    QwenTokenizer.from_pretrained(variant.tokenizer_folder(root))
     if variant.vision:
         QwenImageProcessor.from_pretrained(root / "processor")
     scheduler_file = root / "scheduler" / "scheduler_config.json"

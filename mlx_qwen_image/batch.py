@@ -181,6 +181,12 @@ class Job:
         from .conditioning import output_size
         from .memory import refuse_size, too_large
 
+        m = variant.size_multiple
+        for name, v in (("width", width), ("height", height)):
+            if v is not None and v % m:
+                lo = max(m, v // m * m)
+                raise UsageError(f"--{name} {v} is not a multiple of {m} ({variant.name} needs that); use {lo}"
+                                 + (f" or {lo + m}" if v > lo else ""))
         cfg = (self.cfg_scale if self.cfg_scale is not None else variant.cfg_scale) > 1
         width, height = output_size(variant, width, height, image, images)
         refusal = refuse_size(width, height, cfg)

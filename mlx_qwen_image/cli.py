@@ -18,15 +18,9 @@ import click
 from . import __version__
 from .batch import Job, UsageError, nearest16, open_picture
 
-ASPECTS = {
-    "1:1": (1328, 1328),
-    "16:9": (1664, 928),
-    "9:16": (928, 1664),
-    "4:3": (1472, 1104),
-    "3:4": (1104, 1472),
-    "3:2": (1584, 1056),
-    "2:3": (1056, 1584),
-}
+from .variants import QWEN21_ASPECTS, QWEN_IMAGE_ASPECTS
+
+ASPECT_NAMES = list(dict.fromkeys(name for name, _, _ in QWEN_IMAGE_ASPECTS + QWEN21_ASPECTS))
 
 
 
@@ -136,7 +130,8 @@ def shared_options(fn):
               help="Image width (multiple of 16). [default: 1024; with --height alone, that aspect kept]")
 @click.option("--height", type=int, default=None,
               help="Image height (multiple of 16). [default: 1024; with --width alone, that aspect kept]")
-@click.option("--aspect", type=click.Choice(list(ASPECTS)), default=None, help="An official size preset.")
+@click.option("--aspect", type=click.Choice(ASPECT_NAMES), default=None,
+              help="A size preset of the model (Qwen-Image: its published sizes; 2.1: about 1 Mpx, -2k: 4 Mpx).")
 @click.option("--image", "init_image", default=None, help="img2img: start from this picture.")
 @click.option("--strength", type=float, default=0.6, show_default=True,
               help="img2img: how much of the picture is redrawn, in (0, 1].")
@@ -154,11 +149,15 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
     if init_image is not None and not 0 < strength <= 1:
         raise UsageError(f"--strength {strength}: must be in (0, 1]")
     picture = open_picture(init_image) if init_image is not None else None
-    if aspect:
-        width, height = ASPECTS[aspect]
     job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory, gguf,
               text_encoder_bits, loras, lightning, cache_spec, enhance_prompt, parallel, connect_timeout)
-    job.check_size(job.check_model(edits=False), width, height, image=picture)
+    variant = job.check_model(edits=False)
+    if aspect:
+        sizes = {name: (w, h) for name, w, h in variant.aspects}
+        if aspect not in sizes:
+            raise UsageError(f"--aspect {aspect} is not a preset of {variant.name}; use one of {', '.join(sizes)}")
+        width, height = sizes[aspect]
+    job.check_size(variant, width, height, image=picture)
     pipe = job.load()
     for path, s in job.work():
         run = pipe.denoise(**job.prompt(prompt), negative_prompt=negative_prompt, width=width, height=height,

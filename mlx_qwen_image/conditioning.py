@@ -80,6 +80,7 @@ class Conditioning:
     start: mx.array | None = None  # (1, N, C) packed latents of the img2img picture
     strength: float | None = None
     hooks: tuple = ()
+    slots: np.ndarray | None = None  # 2.1: (L + image slots,) bool, True where image tokens sit in the sequence
 
     @property
     def cfg(self) -> bool:
@@ -90,10 +91,13 @@ class Conditioning:
         return (self.height // 16) * (self.width // 16)
 
 
-def _conditioning(req: Request, features, **task) -> Conditioning:
+def _conditioning(pipe, req: Request, features, **task) -> Conditioning:
     embeds, mask = features
-    return Conditioning(embeds, mask, req.batch, req.width, req.height, req.cfg_scale,
+    cond = Conditioning(embeds, mask, req.batch, req.width, req.height, req.cfg_scale,
                         [(1, req.height // 16, req.width // 16)], hooks=req.hooks, **task)
+    if pipe.variant.image_slots:  # the text, then one slot per 2x2 group of the image's tokens
+        cond.slots = np.concatenate([np.zeros(embeds.shape[1], bool), np.ones(cond.image_tokens // 4, bool)])
+    return cond
 
 
 # A builder is ``builder(pipe, request, phase)``: ``with phase(name):`` times each stage into the run's stats
@@ -102,7 +106,7 @@ def _conditioning(req: Request, features, **task) -> Conditioning:
 def text_to_image(pipe, req: Request, phase) -> Conditioning:
     with phase("text_encoder"):
         features = pipe.text_features(req.text_rows)
-    return _conditioning(req, features)
+    return _conditioning(pipe, req, features)
 
 
 def img2img(pipe, req: Request, phase) -> Conditioning:
@@ -112,7 +116,7 @@ def img2img(pipe, req: Request, phase) -> Conditioning:
     with phase("picture_encode"):
         start = pipe.encode_image(resize(req.image, req.width, req.height))
         mx.eval(start)
-    return _conditioning(req, features, start=start, strength=req.strength)
+    return _conditioning(pipe, req, features, start=start, strength=req.strength)
 
 
 def edit_pictures(variant: Variant, images) -> tuple[list[Image.Image], list[Image.Image]]:
@@ -133,7 +137,7 @@ def edit(pipe, req: Request, phase) -> Conditioning:
     with phase("picture_encode"):
         reference = mx.concatenate([pipe.encode_image(p) for p in vae], axis=1)
         mx.eval(reference)
-    cond = _conditioning(req, features, reference=reference)
+    cond = _conditioning(pipe, req, features, reference=reference)
     cond.segments += [(1, p.size[1] // 16, p.size[0] // 16) for p in vae]
     return cond
 
@@ -155,19 +159,21 @@ def output_size(variant: Variant, width, height, image=None, images=()) -> tuple
         fit = fit_area(*image.size)
     else:
         fit = variant.size
+    m = variant.size_multiple
     if width is not None and height is None:
-        height = max(16, round(width * fit[1] / fit[0] / 16) * 16)
+        height = max(m, round(width * fit[1] / fit[0] / m) * m)
     elif height is not None and width is None:
-        width = max(16, round(height * fit[0] / fit[1] / 16) * 16)
+        width = max(m, round(height * fit[0] / fit[1] / m) * m)
     return (fit[0], fit[1]) if width is None else (width, height)
 
 
-def check_request(width: int, height: int, steps: int, cfg_scale: float):
+def check_request(width: int, height: int, steps: int, cfg_scale: float, multiple: int = 16):
     """Refuse sizes, step counts and CFG scales the model cannot use, naming valid values."""
     for name, v in (("width", width), ("height", height)):
-        if v < 16 or v % 16:
-            lo = max(16, v // 16 * 16)
-            raise ValueError(f"{name} {v} is not a multiple of 16; use {lo}" + (f" or {lo + 16}" if v > lo else ""))
+        if v < multiple or v % multiple:
+            lo = max(multiple, v // multiple * multiple)
+            raise ValueError(f"{name} {v} is not a multiple of {multiple}; use {lo}"
+                             + (f" or {lo + multiple}" if v > lo else ""))
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if not math.isfinite(cfg_scale) or cfg_scale < 1:
@@ -253,7 +259,7 @@ def make_request(variant: Variant, channels: int, fixed_steps: int | None, promp
     cfg_scale = _number("cfg_scale", cfg_scale)
     cfg_scale = variant.cfg_scale if cfg_scale is None else cfg_scale
     width, height = output_size(variant, width, height, picture, pictures)
-    check_request(width, height, steps, cfg_scale)
+    check_request(width, height, steps, cfg_scale, variant.size_multiple)
     negatives = None
     if cfg_scale > 1:
         if isinstance(negative_prompt, (list, tuple)):
@@ -277,6 +283,9 @@ def make_request(variant: Variant, channels: int, fixed_steps: int | None, promp
         seed = _integer("seed", seed)
         if not 0 <= seed < 2**63 - len(prompts):
             raise ValueError(f"seed must be in [0, 2**63 - {len(prompts)}), got {seed}")
+    if cache is not None and not variant.step_caches:
+        raise ValueError(f"step caches (cache=, --cache) are not available for {variant.name}; its own prefix K/V "
+                         "cache is always on")
     if cache is not None and not callable(getattr(cache, "start", None)):
         raise ValueError(f"cache must be a step cache (mlx_qwen_image.cache), got {_short(cache)}")
     if not isinstance(enhance_prompt, (bool, dict)):

@@ -75,11 +75,13 @@ def fit_area(width: int, height: int, area: int = 1024 * 1024, multiple: int = 3
     return round(w / multiple) * multiple, round(w / (width / height) / multiple) * multiple
 
 
-def pil_to_array(images: Image.Image | Sequence[Image.Image], dtype: mx.Dtype = mx.float32) -> mx.array:
-    """One image or a list of equally sized images -> (B, H, W, 3) in [-1, 1]."""
+def pil_to_array(images: Image.Image | Sequence[Image.Image], dtype: mx.Dtype = mx.float32,
+                 mode: str = "RGB") -> mx.array:
+    """One image or a list of equally sized images -> (B, H, W, 3) in [-1, 1] (``mode="RGBA"``: 4 channels,
+    opaque where the picture has no alpha)."""
     if isinstance(images, Image.Image):
         images = [images]
-    pixels = np.stack([np.asarray(img.convert("RGB")) for img in images])
+    pixels = np.stack([np.asarray(img.convert(mode)) for img in images])
     return uint8_to_array(pixels, dtype)
 
 
@@ -101,7 +103,7 @@ def array_to_uint8(x: mx.array | np.ndarray) -> np.ndarray:
 
 
 def array_to_pil(x: mx.array | np.ndarray) -> list[Image.Image]:
-    """Decoded images (B, H, W, 3) or (H, W, 3) in [-1, 1] -> a list of RGB PIL images."""
+    """Decoded images (B, H, W, 3 or 4) or (H, W, 3 or 4) in [-1, 1] -> a list of RGB (or RGBA) PIL images."""
     pixels = array_to_uint8(x)
     if pixels.ndim == 3:
         pixels = pixels[None]

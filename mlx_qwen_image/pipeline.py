@@ -24,7 +24,7 @@ import numpy as np
 from . import memory, runtime
 from .conditioning import (Conditioning, Request, builder, check_prompts, edit_pictures, make_request,
                            pictures_list)
-from .config import naming, read_json
+from .config import CheckpointError, naming, read_json
 from .image import array_to_numpy, array_to_pil, pil_to_array
 from .image_processor import QwenImageProcessor
 from .loading import lazy_weights, load_model, quantize_model
@@ -46,25 +46,13 @@ def _dtype(dtype) -> mx.Dtype:
     return DTYPES[dtype]
 
 
-def pack_latents(z: mx.array) -> mx.array:
-    """(B, H/8, W/8, C) channels-last latents -> diffusers' packed (B, (H/16)(W/16), C*4), channel-major."""
-    B, h, w, C = z.shape
-    z = z.reshape(B, h // 2, 2, w // 2, 2, C).transpose(0, 1, 3, 5, 2, 4)
-    return z.reshape(B, (h // 2) * (w // 2), C * 4)
-
-
-def unpack_latents(x: mx.array, height: int, width: int) -> mx.array:
-    """Packed (B, N, C*4) -> channels-last (B, H/8, W/8, C)."""
-    B, _, D = x.shape
-    h, w, C = height // 16, width // 16, D // 4
-    x = x.reshape(B, h, w, C, 2, 2).transpose(0, 1, 4, 2, 5, 3)
-    return x.reshape(B, h * 2, w * 2, C)
-
-
-def guided(cond: mx.array, uncond: mx.array, scale: float) -> mx.array:
-    """True CFG, then rescaled per token to the conditional prediction's norm (as the reference does)."""
+def guided(cond: mx.array, uncond: mx.array, scale: float, rescale: bool = True) -> mx.array:
+    """True CFG; with ``rescale`` (Qwen-Image) rescaled per token to the conditional prediction's norm, as the
+    reference does (2.1 uses the plain combination)."""
     cond, uncond = cond.astype(mx.float32), uncond.astype(mx.float32)
     comb = uncond + scale * (cond - uncond)
+    if not rescale:
+        return comb
     return comb * (mx.linalg.norm(cond, axis=-1, keepdims=True) / mx.linalg.norm(comb, axis=-1, keepdims=True))
 
 
@@ -164,6 +152,7 @@ class QwenImagePipeline:
         self._lock = threading.RLock()
         self._timestep_source = timestep_source
         self.root: Path | None = None  # the checkpoint folder, when loaded from one
+        self.sample_sigmas: tuple[float, ...] | None = None  # the checkpoint's own sampling grid (2.1-Turbo)
         self.group, self.parallel = None, None  # an mx.distributed group and how runs split over it
 
     # The text side lives in `prompts`; these are its parts under the names diffusers users know.
@@ -250,7 +239,7 @@ class QwenImagePipeline:
         pipe = cls(
             transformer=transformer,
             vae=load_model(variant.model_class("vae"), root / "vae", dtype),
-            tokenizer=QwenTokenizer.from_pretrained(root / "tokenizer"),
+            tokenizer=QwenTokenizer.from_pretrained(variant.tokenizer_folder(root)),
             scheduler=scheduler,
             variant=variant,
             processor=QwenImageProcessor.from_pretrained(root / "processor") if variant.vision else None,
@@ -263,6 +252,7 @@ class QwenImagePipeline:
         pipe._timestep_source = source
         pipe.loras = list(loras)
         pipe.root = root
+        pipe.sample_sigmas = _sample_sigmas(root)
         return pipe
 
     @property
@@ -317,8 +307,8 @@ class QwenImagePipeline:
     def encode_image(self, image) -> mx.array:
         """A picture at its own size (sides multiples of 16) -> normalised packed latents ``(1, (H/16)(W/16), C)``
         (the VAE's latent mean)."""
-        x = pil_to_array(image, dtype=self.vae.dtype)
-        return pack_latents(self.vae.normalize_latents(self.vae.encode(x)).astype(mx.float32))
+        x = pil_to_array(image, dtype=self.vae.dtype, mode=self.vae.image_mode)
+        return self.vae.pack(self.vae.normalize_latents(self.vae.encode(x)).astype(mx.float32))
 
     # -- runs ----------------------------------------------------------------------------------------------
 
@@ -327,7 +317,8 @@ class QwenImagePipeline:
                 enhance_prompt=False) -> Run:
         """A `Run` of ``generate``'s request: iterate it for the evaluated latents after each step, then
         ``run.complete()`` decodes. Everything about the request is checked here, before any work."""
-        request = make_request(self.variant, self.transformer.config.in_channels, self.scheduler.fixed_steps,
+        fixed = self.scheduler.fixed_steps or (len(self.sample_sigmas) if self.sample_sigmas else None)
+        request = make_request(self.variant, self.transformer.config.in_channels, fixed,
                                prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                                steps=steps, cfg_scale=cfg_scale, seed=seed, latents=latents, images=images,
                                image=image, strength=strength, hooks=hooks, cache=cache,
@@ -338,7 +329,7 @@ class QwenImagePipeline:
         if message:
             raise ValueError(message)
         schedule = self.scheduler.schedule(request.steps, (request.height // 16) * (request.width // 16),
-                                           request.strength)
+                                           request.strength, self.sample_sigmas)
         return Run(self, request, schedule, self.low_memory if low_memory is None else low_memory)
 
     def sample(self, conditioning: Conditioning, steps: int, seed: int = 0, latents=None, low_memory=None,
@@ -351,7 +342,7 @@ class QwenImagePipeline:
             mx.eval(latents)
         request = Request(("",) * c.batch, ("",) * c.batch if c.cfg else None, c.width, c.height, steps,
                           c.cfg_scale, seed, latents, strength=c.strength, hooks=c.hooks, cache=cache)
-        schedule = self.scheduler.schedule(steps, c.image_tokens, c.strength)
+        schedule = self.scheduler.schedule(steps, c.image_tokens, c.strength, self.sample_sigmas)
         return Run(self, request, schedule, self.low_memory if low_memory is None else low_memory, conditioning)
 
     def generate(self, prompt, negative_prompt=None, width=None, height=None, steps=None, cfg_scale=None, seed=0,
@@ -410,6 +401,7 @@ class QwenImagePipeline:
             if cond.reference is not None:
                 reference = mx.broadcast_to(cond.reference.astype(model.dtype), (batch, *cond.reference.shape[1:]))
             img_shapes, step_seconds = [cond.segments] * rows, []
+            inputs = self._model_inputs(model, cond)
             branch = self._branch(cond)
             branches = 2 if cond.cfg and branch is None else 1
             cache = None if req.cache is None else req.cache.start(schedule.steps, batch, branches)
@@ -418,7 +410,7 @@ class QwenImagePipeline:
                 for i in range(schedule.steps):
                     t0 = time.perf_counter()
                     compute = partial(self._velocity, model, x, cond, reference, img_shapes, table[i],
-                                      schedule.timesteps[i], rows, cache, branch)
+                                      schedule.timesteps[i], rows, cache, branch, inputs)
                     for hook in reversed(hooks):
                         compute = partial(hook.predict, i, float(schedule.sigmas[i]), compute)
                     x = self.scheduler.step(x, compute(), schedule, i)
@@ -454,26 +446,37 @@ class QwenImagePipeline:
         with self._lock:
             return runtime.call(self.prompts.enhance, prompt, pictures, **options)
 
-    @staticmethod
-    def _velocity(model, x, cond, reference, img_shapes, modulations, timestep, rows, cache=None,
-                  branch=None) -> mx.array:
+    def _model_inputs(self, model, cond: Conditioning) -> dict:
+        """What a family's transformer takes beyond the shared arguments, for one run: 2.1's image slots in the
+        text sequence and its prefix K/V cache (filled by the first step, exact for the others)."""
+        inputs = {}
+        if cond.slots is not None:
+            inputs["img_mask"] = cond.slots
+        if hasattr(model, "prefix_cache"):
+            inputs["kv_cache"] = model.prefix_cache()
+        return inputs
+
+    def _velocity(self, model, x, cond, reference, img_shapes, modulations, timestep, rows, cache=None,
+                  branch=None, inputs=None) -> mx.array:
         """One step's velocity: [cond; uncond] in one batched call, or under CFG-parallel (``branch`` = (this
-        rank's text features, mask, group)) this rank's branch, then the other's through one all-gather."""
+        rank's text features, mask, group)) this rank's branch, then the other's through one all-gather. The edit
+        pictures' latents go after the image (Qwen-Image) or before it (2.1); only the image's velocity is kept."""
+        variant, inputs = self.variant, inputs or {}
         inp = x.astype(model.dtype)
         if reference is not None:
-            inp = mx.concatenate([inp, reference], axis=1)
+            inp = mx.concatenate([reference, inp] if variant.references_first else [inp, reference], axis=1)
         if branch is not None:
             embeds, mask, group = branch
             t = mx.full((cond.batch,), timestep, dtype=mx.float32)
-            v = model(inp, embeds, mask, t, img_shapes[: cond.batch], modulations=modulations, cache=cache)
+            v = model(inp, embeds, mask, t, img_shapes[: cond.batch], modulations=modulations, cache=cache, **inputs)
             v = mx.distributed.all_gather(v[:, : cond.image_tokens], group=group)  # rank order: [cond; uncond]
-            return guided(v[: cond.batch], v[cond.batch:], cond.cfg_scale)
+            return guided(v[: cond.batch], v[cond.batch:], cond.cfg_scale, variant.cfg_rescale)
         t = mx.full((rows,), timestep, dtype=mx.float32)
         v = model(mx.concatenate([inp, inp]) if cond.cfg else inp, cond.embeds, cond.mask, t, img_shapes,
-                  modulations=modulations, cache=cache)
-        if reference is not None:
+                  modulations=modulations, cache=cache, **inputs)
+        if reference is not None and not variant.references_first:
             v = v[:, : cond.image_tokens]
-        return guided(v[: cond.batch], v[cond.batch:], cond.cfg_scale) if cond.cfg else v
+        return guided(v[: cond.batch], v[cond.batch:], cond.cfg_scale, variant.cfg_rescale) if cond.cfg else v
 
     def _branch(self, cond: Conditioning):
         """Under CFG-parallel, this rank's text rows (rank 0 the prompts, rank 1 the negative ones), else None."""
@@ -507,7 +510,7 @@ class QwenImagePipeline:
     def _decode(self, latents, width, height, output, stats):
         _check_finite(latents, "the denoised latents")
         start = _phase_start()
-        z = self.vae.denormalize_latents(unpack_latents(latents, height, width).astype(self.vae.dtype))
+        z = self.vae.denormalize_latents(self.vae.unpack(latents, height, width).astype(self.vae.dtype))
         x = self.vae.decode(z)
         mx.eval(x)
         _check_finite(x, "the decoded picture")
@@ -546,6 +549,19 @@ def _gguf_transformer(variant, root, path, dtype, quantize):
         warnings.warn(f"{path}: {count} {kind} tensors were dequantized and quantized again at "
                       f"{gguf.REQUANTIZED[kind]} bits (MLX has no exact form of {kind})", stacklevel=2)
     return model, gguf.Source(path, dtype)
+
+
+def _sample_sigmas(root: Path) -> tuple[float, ...] | None:
+    """The sampling grid a checkpoint ships in model_index.json (2.1-Turbo's ``sample_sigmas``), or None."""
+    index = root / "model_index.json"
+    grid = read_json(index).get("sample_sigmas")
+    if grid is None:
+        return None
+    if not isinstance(grid, list) or not grid or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in grid):
+        raise CheckpointError(f"{index}: sample_sigmas must be a non-empty list of numbers in (0, 1], got "
+                              f"{str(grid)[:60]}; fix the file, or download the checkpoint again")
+    return tuple(float(v) for v in grid)
 
 
 def _phase_start() -> float:

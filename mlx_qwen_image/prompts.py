@@ -87,6 +87,8 @@ class PromptEncoder:
         if not prompts:
             raise ValueError("encode_prompt needs at least one prompt")
         variant, pictures = self.variant, list(pictures or ())
+        if variant.blank_prompt is not None:
+            prompts = [p or variant.blank_prompt for p in prompts]
         prefix = "".join(variant.picture_label.format(i + 1) + PICTURE_TOKENS for i in range(len(pictures)))
         texts = [variant.template.format(prefix + p) for p in prompts]
         vision = {}

@@ -97,8 +97,11 @@ class FlowMatchEulerScheduler:
         slope = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
         return image_seq_len * slope + (c.base_shift - slope * c.base_image_seq_len)
 
-    def sigmas(self, steps: int, image_seq_len: int) -> np.ndarray:
-        """The ``steps + 1`` noise levels (float32, last one 0) for an image of ``image_seq_len`` latent patches."""
+    def sigmas(self, steps: int, image_seq_len: int, grid=None) -> np.ndarray:
+        """The ``steps + 1`` noise levels (float32, last one 0) for an image of ``image_seq_len`` latent patches.
+
+        ``grid``: the checkpoint's own starting sigmas (2.1's ``sample_sigmas``) in place of ``linspace(1, 1/N, N)``;
+        shifted as the config says, like any other."""
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         c = self.config
@@ -106,7 +109,10 @@ class FlowMatchEulerScheduler:
             if steps != len(c.sigmas):
                 raise ValueError(f"this scheduler has a fixed {len(c.sigmas)}-step schedule; use steps={len(c.sigmas)}")
             return np.append(np.asarray(c.sigmas, dtype=np.float32), np.float32(0.0))
-        s = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
+        if grid is not None and steps != len(grid):
+            raise ValueError(f"this checkpoint samples a fixed {len(grid)}-step grid (sample_sigmas in "
+                             f"model_index.json); use steps={len(grid)}")
+        s = (np.linspace(1.0, 1.0 / steps, steps) if grid is None else np.asarray(grid)).astype(np.float32)
         if c.use_dynamic_shifting:
             mu = self.mu(image_seq_len)
             # e^mu / (e^mu + 1/s - 1), written so that a huge mu (a huge image) cannot overflow.
@@ -127,9 +133,9 @@ class FlowMatchEulerScheduler:
         """diffusers' timesteps, ``1000 * sigma`` (the transformer itself takes sigma)."""
         return self.sigmas(steps, image_seq_len)[:-1] * np.float32(self.config.num_train_timesteps)
 
-    def schedule(self, steps: int, image_seq_len: int, strength: float | None = None) -> Schedule:
+    def schedule(self, steps: int, image_seq_len: int, strength: float | None = None, grid=None) -> Schedule:
         """The run's schedule; with ``strength`` (img2img) only its last ``img2img_steps`` steps."""
-        sigmas = self.sigmas(steps, image_seq_len)
+        sigmas = self.sigmas(steps, image_seq_len, grid)
         if strength is not None:
             if not 0 < strength <= 1:
                 raise ValueError(f"strength must be in (0, 1], got {strength}")

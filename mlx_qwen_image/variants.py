@@ -10,13 +10,11 @@ Loading, the pipeline, the CLI and the converter read it from here; a new varian
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from pathlib import Path
 
 from .config import read_json
 from .loading import CheckpointError, check_layout, download, is_repo_id, local_folder
-from .models.text_encoder import QwenTextEncoder
-from .models.transformer import QwenImageTransformer
-from .models.vae import QwenImageVAE
 
 # Text-to-image: the first 34 tokens (the system turn and "<|im_start|>user\n") are dropped from the features,
 # the 5 closing tokens ("<|im_end|>\n<|im_start|>assistant\n") are kept.
@@ -34,8 +32,39 @@ EDIT_TEMPLATE = (
 TEMPLATE_SUFFIX_TOKENS = 5  # "<|im_end|>\n<|im_start|>assistant\n", the same in both templates
 PICTURE_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
 
+# Qwen-Image 2.1: the chat template of diffusers' QwenImage21Pipeline; the system turn's 14 tokens are dropped.
+QWEN21_TEMPLATE = (
+    "<|im_start|>system\nComprehend and analyze the provided prompt.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
+# Size presets (--aspect). Qwen-Image's are its published sizes; 2.1's are what its pipeline makes of an aspect
+# (about 1024^2 pixels, or 2048^2 for "-2k", sides rounded to multiples of 32).
+RATIOS = {"1:1": (1, 1), "16:9": (16, 9), "9:16": (9, 16), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3)}
+QWEN_IMAGE_ASPECTS = (("1:1", 1328, 1328), ("16:9", 1664, 928), ("9:16", 928, 1664), ("4:3", 1472, 1104),
+                      ("3:4", 1104, 1472), ("3:2", 1584, 1056), ("2:3", 1056, 1584))
+
+
+def _aspects_at(area: int, suffix: str = "") -> tuple[tuple[str, int, int], ...]:
+    import math
+
+    out = []
+    for name, (a, b) in RATIOS.items():
+        w = math.sqrt(area * a / b)
+        out.append((name + suffix, round(w / 32) * 32, round(w / (a / b) / 32) * 32))
+    return tuple(out)
+
+
+QWEN21_ASPECTS = _aspects_at(1024 * 1024) + _aspects_at(2048 * 2048, "-2k")
+
 TEXT_TO_IMAGE_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-MODEL_CLASSES = {"transformer": QwenImageTransformer, "vae": QwenImageVAE, "text_encoder": QwenTextEncoder}
+# The networks of each model family, as "module:class" under mlx_qwen_image.models (imported when first used).
+MODEL_CLASSES = {
+    "qwen-image": {"transformer": "transformer:QwenImageTransformer", "vae": "vae:QwenImageVAE",
+                   "text_encoder": "text_encoder:QwenTextEncoder"},
+    "qwen-image-2.1": {"transformer": "transformer21:QwenImage21Transformer", "vae": "vae21:QwenImage21VAE",
+                       "text_encoder": "text_encoder21:Qwen3TextEncoder"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +87,15 @@ class Variant:
     transformer_params: int = 20_430_401_088
     text_encoder_params: int = 7_070_619_136  # the language model, without the vision tower and lm_head
     download_bytes: int = 57_690_000_000  # what a first run downloads: the bf16 transformer, text encoder and VAE
+    family: str = "qwen-image"  # which networks (MODEL_CLASSES) and which conventions below
+    size_multiple: int = 16  # output sides are multiples of this
+    cfg_rescale: bool = True  # CFG's result rescaled to the conditional prediction's norm (Qwen-Image), or plain
+    blank_prompt: str | None = None  # what an empty prompt becomes (2.1: " ", as its encoder needs a token)
+    tokenizer_folders: tuple[str, ...] = ("tokenizer",)  # where the tokenizer files are, the first that has them
+    references_first: bool = False  # edit pictures' latents before the image's (2.1) or after them (Qwen-Image)
+    step_caches: bool = True  # first-block / TaylorSeer / MagCache apply (the MMDiT's two-stream block loop)
+    image_slots: bool = False  # 2.1: the image's tokens fill slots of the text sequence (`Conditioning.slots`)
+    aspects: tuple[tuple[str, int, int], ...] = QWEN_IMAGE_ASPECTS  # (name, width, height) presets
 
     @property
     def edits(self) -> bool:
@@ -72,7 +110,17 @@ class Variant:
         return "text-to-image" + (" and img2img (image= with strength=)" if self.img2img else "")
 
     def model_class(self, component: str):
-        return MODEL_CLASSES[component]
+        module, name = MODEL_CLASSES[self.family][component].split(":")
+        return getattr(importlib.import_module(f".models.{module}", __package__), name)
+
+    def tokenizer_folder(self, root: Path) -> Path:
+        """The folder of ``root`` that holds the tokenizer files (2.1 keeps them in ``processor/``)."""
+        for name in self.tokenizer_folders:
+            folder = Path(root) / name
+            if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
+                return folder
+        raise CheckpointError(f"incomplete checkpoint {root}: no tokenizer files (tokenizer.json, or vocab.json + "
+                              f"merges.txt) in {' or '.join(f'{n}/' for n in self.tokenizer_folders)}")
 
     def build_options(self, component: str) -> dict:
         """Keyword arguments for ``from_config`` of a component's model."""
@@ -99,6 +147,13 @@ VARIANTS: dict[str, Variant] = {
         # Edit-2509 and Edit-2511 (zero_cond_t comes from the transformer's own config).
         Variant("QwenImageEditPlusPipeline", "Qwen-Image-Edit-2509/2511", max_images=3,
                 picture_label="Picture {}: ", condition_area=384 * 384, **_EDIT),
+        # Qwen-Image 2.1 and 2.1-Turbo (a fixed sigma grid in model_index.json's sample_sigmas).
+        Variant("QwenImage21Pipeline", "Qwen-Image 2.1", components=("transformer", "vae", "text_encoder",
+                "scheduler"), template=QWEN21_TEMPLATE, drop=14, max_text_tokens=None, steps=40, cfg_scale=1.0,
+                transformer_params=7_115_124_736, text_encoder_params=7_568_405_504,
+                download_bytes=31_600_000_000, family="qwen-image-2.1", size_multiple=32, cfg_rescale=False,
+                blank_prompt=" ", tokenizer_folders=("processor", "tokenizer"), references_first=True,
+                step_caches=False, image_slots=True, aspects=QWEN21_ASPECTS),
     )
 }
 DEFAULT_TEXT_TO_IMAGE = VARIANTS["QwenImagePipeline"]
@@ -133,16 +188,19 @@ def locate(path_or_repo_id: str | Path, expected: Variant = DEFAULT_TEXT_TO_IMAG
         root = local_folder(path_or_repo_id)
         variant = read_variant(root)
         check_layout(root, variant.components, config_only)
+        variant.tokenizer_folder(root)
         return root, variant
     repo = str(path_or_repo_id)
     try:
         variant = read_variant(download(repo))
-        root = download(repo, variant.components, config_only)
+        extra = variant.tokenizer_folders if variant.tokenizer_folders != ("tokenizer",) else ()
+        root = download(repo, variant.components + extra, config_only)
     except CheckpointError as e:
         raise CheckpointError(f"{e}; the first run downloads about {expected.download_bytes / 1e9:.0f} GB (the "
                               "bf16 weights: --quantize quantizes them after the download)") from None
     try:
         check_layout(root, variant.components, config_only)
+        variant.tokenizer_folder(root)
     except CheckpointError as e:
         raise CheckpointError(f"{e} (the download stopped part-way: run again to resume it)") from None
     return root, variant

@@ -108,3 +108,83 @@ def tiny_checkpoint(tmp_path_factory):
     """(folder, diffusers pipeline) for a tiny random text-to-image checkpoint."""
     folder = tmp_path_factory.mktemp("tiny") / "qwen-image-tiny"
     return folder, build_tiny_checkpoint(folder)
+
+
+# Qwen-Image 2.1: a Qwen3-VL text encoder 64 wide, a single-stream transformer reading it, a 64-channel RGBA VAE.
+TINY21_TEXT_ENCODER = dict(
+    text_config=dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
+                                      "mrope_interleaved": True}),
+    vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                       deepstack_visual_indexes=[0]),
+    tie_word_embeddings=False,
+)
+TINY21_TRANSFORMER = dict(num_layers=2, attention_head_dim=32, num_attention_heads=2, context_in_dim=64,
+                          axes_dims_rope=(8, 12, 12))
+TINY21_VAE = dict(base_dim=8, decoder_base_dim=12, z_dim=64, dim_mult=[1, 2, 2, 2, 2], num_res_blocks=1,
+                  temperal_downsample=[False, True, True, True],
+                  latents_mean=[0.05 * (i % 7) - 0.15 for i in range(64)],
+                  latents_std=[1.0 + 0.1 * (i % 5) for i in range(64)])
+# A minimal chat template with Qwen3-VL's layout for text turns (the processor uses it only to count the system
+# turn's tokens, which diffusers drops).
+CHAT_TEMPLATE21 = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TURBO_SIGMAS = [1.0, 0.9, 0.75, 0.5, 0.3]
+
+
+def build_tiny21_checkpoint(folder: Path, seed: int = 0, sample_sigmas=None):
+    """A random diffusers QwenImage21Pipeline saved in the published layout (tokenizer files in processor/); with
+    ``sample_sigmas``, a Turbo-like checkpoint (that grid, a scheduler without shift). Returns the pipeline."""
+    import torch
+    from diffusers import (AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline,
+                           QwenImage21Transformer2DModel)
+    from transformers import (Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                              Qwen3VLProcessor)
+
+    # transformers checks the video processor's class, which needs torchvision (not installed): skip the check.
+    Qwen3VLProcessor.check_argument_for_proper_class = lambda self, name, arg: None
+    torch.manual_seed(seed)
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(RELEASED / "tokenizer"))
+    processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2),
+                                 tokenizer=tokenizer, video_processor=None, chat_template=CHAT_TEMPLATE21)
+
+    def save_processor(path, **kwargs):  # without a video processor to save
+        tokenizer.save_pretrained(path)
+        processor.image_processor.save_pretrained(path)
+
+    processor.save_pretrained = save_processor
+    if sample_sigmas is None:
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                    base_image_seq_len=256, max_image_seq_len=4096)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=1.0)
+    pipe = QwenImage21Pipeline(
+        scheduler=scheduler,
+        vae=randomize_(AutoencoderKLQwenImage21(**TINY21_VAE), seed + 1, std=0.2).eval(),
+        text_encoder=randomize_(Qwen3VLForConditionalGeneration(Qwen3VLConfig(**TINY21_TEXT_ENCODER)), seed + 2,
+                                std=0.1).eval(),
+        processor=processor,
+        transformer=randomize_(QwenImage21Transformer2DModel(**TINY21_TRANSFORMER), seed + 3, std=0.15).eval(),
+        sample_sigmas=sample_sigmas,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny21_checkpoint(tmp_path_factory):
+    """(folder, diffusers pipeline) for a tiny random Qwen-Image 2.1 checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny21") / "qwen-image-2.1-tiny"
+    return folder, build_tiny21_checkpoint(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny21_turbo_checkpoint(tmp_path_factory):
+    """(folder, diffusers pipeline) for a tiny random 2.1-Turbo-like checkpoint (a fixed sigma grid)."""
+    folder = tmp_path_factory.mktemp("tiny21turbo") / "qwen-image-2.1-turbo-tiny"
+    return folder, build_tiny21_checkpoint(folder, seed=5, sample_sigmas=TURBO_SIGMAS)

@@ -13,7 +13,7 @@ from mlx_qwen_image.variants import VARIANTS, locate, lookup, read_variant
 
 def test_every_published_class_is_registered_with_its_facts():
     assert set(VARIANTS) == {"QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageEditPipeline",
-                             "QwenImageEditPlusPipeline"}
+                             "QwenImageEditPlusPipeline", "QwenImage21Pipeline"}
     t2i, edit, plus = (VARIANTS[k] for k in ("QwenImagePipeline", "QwenImageEditPipeline",
                                              "QwenImageEditPlusPipeline"))
     assert (t2i.drop, t2i.vision, t2i.max_images, t2i.img2img) == (34, False, 0, True)

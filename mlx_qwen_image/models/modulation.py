@@ -1,5 +1,5 @@
-"""The timestep path of the MMDiT, precomputed: a schedule's modulation vectors, and stand-ins for the layers
-freed while they are in use (`QwenImageTransformer.modulation_table` / `restore_modulation_weights`)."""
+"""The timestep path, precomputed: a schedule's modulation vectors, stand-ins for the layers freed while they are
+in use, and the bookkeeping both transformers share (`TimestepPath`: which layers may be dropped and rebuilt)."""
 
 from __future__ import annotations
 
@@ -110,6 +110,49 @@ class WeightMarks:
             if arrays.keys() != refs.keys() or any(refs[k]() is not v for k, v in arrays.items()):
                 return False
         return True
+
+
+class TimestepPath:
+    """The bookkeeping of a transformer whose timestep-path layers (``modulation_layer_paths()``) are dropped while
+    a run's modulation table is in use and rebuilt from the checkpoint after it; mixed into both transformers."""
+
+    _timestep_marks: WeightMarks | None = None
+
+    def mark_timestep_path(self):
+        """Record that the timestep-path layers now hold weights their source can give again (the loader calls
+        this after a load, the pipeline after fusing its own LoRAs); any later change to them voids the mark.
+        Layers that are not plain or quantized linears (a LoRA beside a quantized layer) are never marked."""
+        paths = self.modulation_layer_paths()
+        plain = all(type(get_module(self, p)) in (nn.Linear, nn.QuantizedLinear) for p in paths)
+        self._timestep_marks = WeightMarks(self, paths) if plain else None
+
+    @property
+    def timestep_path_marked(self) -> bool:
+        """True while every timestep-path layer is exactly as last marked, so dropping and reloading it is safe."""
+        return self._timestep_marks is not None and not self.modulation_weights_dropped and \
+            self._timestep_marks.match(self)
+
+    @property
+    def modulation_weights_dropped(self) -> bool:
+        return any(isinstance(get_module(self, p), DroppedLinear) for p in self.modulation_layer_paths())
+
+    def _drop(self, *paths):
+        for path in paths:
+            set_module(self, path, DroppedLinear(get_module(self, path), path))
+        mx.clear_cache()
+
+    def restore_modulation_weights(self, weights: dict):
+        """Rebuild the dropped layers from checkpoint weights (``loading.lazy_weights(folder)``: lazy, so only
+        those layers are read, when next used), in the dtype and quantization they had when dropped. LoRAs fused
+        into those layers are not in the checkpoint: pass weights with them fused (``lora.fuse_lora_weights``)."""
+        weights = self.sanitize(weights)
+        for path in self.modulation_layer_paths():
+            layer = get_module(self, path)
+            if isinstance(layer, DroppedLinear):
+                prefix = path + "."
+                own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+                set_module(self, path, layer.rebuild(own))
+        self.mark_timestep_path()
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:

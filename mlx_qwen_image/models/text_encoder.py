@@ -103,9 +103,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, attention=None):
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn = (attention or Attention)(config)  # Qwen3-VL (text_encoder21) brings its own
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

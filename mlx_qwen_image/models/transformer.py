@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ConfigError, TransformerConfig
-from .modulation import DroppedLinear, ModulationTable, WeightMarks, get_module, set_module
+from .modulation import DroppedLinear, ModulationTable, TimestepPath, get_module
 from .rope import RopeCache, apply_rope
 
 EPS = 1e-6
@@ -191,7 +191,7 @@ class AdaNormOut(nn.Module):
         return _modulate(x, shift, scale)
 
 
-class QwenImageTransformer(nn.Module):
+class QwenImageTransformer(TimestepPath, nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         if config.use_additional_t_cond or config.use_layer3d_rope or config.guidance_embeds:
@@ -213,7 +213,7 @@ class QwenImageTransformer(nn.Module):
         self.proj_out = nn.Linear(dim, config.patch_size**2 * config.out_channels)
         self.rope_cache = RopeCache(config.axes_dims_rope, config.rope_theta)
         self._masks = _MaskMemo()
-        self._timestep_marks: WeightMarks | None = None
+        self._timestep_marks = None
 
     @classmethod
     def from_config(cls, config: dict) -> "QwenImageTransformer":
@@ -279,41 +279,6 @@ class QwenImageTransformer(nn.Module):
         for i in range(len(self.transformer_blocks)):
             paths += [f"transformer_blocks.{i}.img_mod.1", f"transformer_blocks.{i}.txt_mod.1"]
         return paths + ["norm_out.linear"]
-
-    def mark_timestep_path(self):
-        """Record that the timestep-path layers now hold weights their source can give again (the loader calls
-        this after a load, the pipeline after fusing its own LoRAs); any later change to them voids the mark.
-        Layers that are not plain or quantized linears (a LoRA beside a quantized layer) are never marked."""
-        paths = self.modulation_layer_paths()
-        plain = all(type(get_module(self, p)) in (nn.Linear, nn.QuantizedLinear) for p in paths)
-        self._timestep_marks = WeightMarks(self, paths) if plain else None
-
-    @property
-    def timestep_path_marked(self) -> bool:
-        """True while every timestep-path layer is exactly as last marked, so dropping and reloading it is safe."""
-        return self._timestep_marks is not None and not self.modulation_weights_dropped and \
-            self._timestep_marks.match(self)
-
-    @property
-    def modulation_weights_dropped(self) -> bool:
-        return any(isinstance(m, DroppedLinear) for _, m in self.named_modules())
-
-    def _drop(self, *paths):
-        for path in paths:
-            set_module(self, path, DroppedLinear(get_module(self, path), path))
-        mx.clear_cache()
-
-    def restore_modulation_weights(self, weights: dict):
-        """Rebuild the dropped layers from checkpoint weights (``loading.lazy_weights(folder)``: lazy, so only
-        those layers are read, when next used), in the dtype and quantization they had when dropped. LoRAs fused
-        into those layers are not in the checkpoint: pass weights with them fused (``lora.fuse_lora_weights``)."""
-        weights = self.sanitize(weights)
-        for path, layer in self.named_modules():
-            if isinstance(layer, DroppedLinear):
-                prefix = path + "."
-                own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-                set_module(self, path, layer.rebuild(own))
-        self.mark_timestep_path()
 
     def __call__(
         self,

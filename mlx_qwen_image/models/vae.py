@@ -263,6 +263,24 @@ class QwenImageVAE(nn.Module):
             out[key] = w
         return out
 
+    image_mode = "RGB"  # the pictures it encodes and decodes
+
+    @staticmethod
+    def pack(z: mx.array) -> mx.array:
+        """(B, H/8, W/8, C) channels-last latents -> the transformer's (B, (H/16)(W/16), 4C): 2x2 patches,
+        channel-major, as diffusers packs them."""
+        B, h, w, C = z.shape
+        z = z.reshape(B, h // 2, 2, w // 2, 2, C).transpose(0, 1, 3, 5, 2, 4)
+        return z.reshape(B, (h // 2) * (w // 2), C * 4)
+
+    @staticmethod
+    def unpack(x: mx.array, height: int, width: int) -> mx.array:
+        """Packed (B, N, 4C) -> channels-last (B, H/8, W/8, C) for a ``width`` x ``height`` image."""
+        B, _, D = x.shape
+        h, w, C = height // 16, width // 16, D // 4
+        x = x.reshape(B, h, w, C, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+        return x.reshape(B, h * 2, w * 2, C)
+
     # Latent normalisation: the transformer works on (z - mean) / std.
     def normalize_latents(self, z: mx.array) -> mx.array:
         mean = mx.array(self.config.latents_mean, dtype=z.dtype)
