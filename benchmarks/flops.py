@@ -83,3 +83,24 @@ class MatmulReference:
 
     def rate_once(self) -> float:
         return self.flops / sum(t * count for t, (*_, count) in zip(self.seconds(), self.shapes))
+
+
+def transformer21_step_flops(cfg, batch: int, n_img: int, n_txt: int, cached: bool = True) -> dict[str, float]:
+    """FLOPs of one Qwen-Image 2.1 transformer call (`models/transformer21.py`) on ``batch`` items of ``n_img``
+    target and ``n_txt`` text tokens. ``cached``: a step after the first, when the prefix K/V cache holds the text's
+    keys and values, so only the target's tokens run through the blocks (the first step also runs the text)."""
+    d, hidden, blocks = cfg.inner_dim, cfg.mlp_ratio * cfg.inner_dim, cfg.num_layers
+    rows = n_img if cached else n_img + n_txt
+    # Per block and token: q, k, v, out (4 D x D) and the SwiGLU (gate and up D x 3D, down 3D x D).
+    linear = blocks * 2 * rows * (4 * d * d + 3 * d * hidden)
+    linear += 2 * n_img * cfg.in_channels * d + 2 * n_img * d * cfg.out_channels
+    if not cached:
+        linear += 2 * n_txt * (cfg.context_in_dim * d + d * d)  # txt_in's MLP
+    # Target queries see every key; text queries (first step only) see the text before them.
+    attention = blocks * 2 * 2 * n_img * (n_txt + n_img) * d
+    if not cached:
+        attention += blocks * 2 * 2 * (n_txt * (n_txt + 1) // 2) * d
+    modulation = 2 * d * 4 * d + 2 * d * d + 2 * (TIMESTEP_CHANNELS * d + d * d)  # shared modulation, norm_out, time
+    parts = {"linear": batch * linear, "attention": batch * attention, "modulation": modulation * (2 if batch else 0)}
+    parts["total"] = sum(parts.values())
+    return parts

@@ -1,4 +1,5 @@
-"""LoRA adapters for the Qwen-Image transformer: read the published file formats, fuse or add them.
+"""LoRA adapters for the Qwen-Image transformers (Qwen-Image's MMDiT and 2.1's single stream): read the published
+file formats, fuse or add them.
 
 A LoRA file is normalised to one ``LoRALayer`` per transformer linear layer (by its path, e.g.
 ``transformer_blocks.0.attn.to_q``): ``down`` (r, in), ``up`` (out, r) and ``scale`` (alpha / r, or 1 without an
@@ -7,7 +8,8 @@ alpha), so that the layer's weight becomes ``W + user_scale * scale * up @ down`
 - diffusers / PEFT: ``[transformer.|base_model.model.]<path>.lora_A[.default].weight`` and ``lora_B``, alpha from
   ``<path>.alpha`` keys or from the adapter config diffusers stores in the file's metadata;
 - ComfyUI / original: ``diffusion_model.<path>.lora_down.weight`` / ``lora_up`` (or lora_A / lora_B), ``.alpha``;
-- kohya: ``lora_unet_<path with _ for .>.lora_down.weight`` / ``lora_up``, ``.alpha``.
+- kohya: ``lora_unet_<path with _ for .>.lora_down.weight`` / ``lora_up``, ``.alpha``;
+- 2.1 in ComfyUI's layout: a fused ``img_mlp.gate_up`` layer, split onto ``gate_layer`` and ``proj``.
 
 Anything else in the file, or a layer that the transformer does not have, is an error: a LoRA that silently
 drops half its layers would give plausible but wrong images.
@@ -186,6 +188,7 @@ def _resolve(lora: LoRA, targets: dict[str, tuple[int, int] | None]) -> dict[str
     """Map the LoRA's layers onto ``targets`` ({path: (out, in) or None for "unknown"}); refuse unmatched names
     and wrong shapes."""
     lookup = {p.replace(".", "_"): p for p in targets} if lora.flat_names else {p: p for p in targets}
+    lora = _split_fused(lora, lookup)
     missing = [n for n in lora.layers if n not in lookup]
     if missing:
         _fail(f"{lora.name}: {len(missing)} LoRA layers match no linear layer of the transformer", missing,
@@ -201,6 +204,24 @@ def _resolve(lora: LoRA, targets: dict[str, tuple[int, int] | None]) -> dict[str
         _fail(f"{lora.name}: {len(bad)} LoRA layers do not fit the transformer's shapes", bad,
               "is it a LoRA for another model size?")
     return resolved
+
+
+def _split_fused(lora: LoRA, lookup: dict) -> LoRA:
+    """A 2.1 LoRA in ComfyUI's spelling adapts the fused SwiGLU input ``img_mlp.gate_up`` ([gate; up] rows), which
+    the model holds as ``gate_layer`` and ``proj``: one shared ``down``, ``up`` split in halves."""
+    sep = "_" if lora.flat_names else "."
+    fused = [n for n in lora.layers if n.endswith(f"{sep}gate_up") and n not in lookup
+             and n[: -len("gate_up")] + "gate_layer" in lookup and n[: -len("gate_up")] + "proj" in lookup]
+    if not fused:
+        return lora
+    layers = dict(lora.layers)
+    for name in fused:
+        layer, stem = layers.pop(name), name[: -len("gate_up")]
+        half = layer.up.shape[0] // 2
+        for part, rows in (("gate_layer", slice(0, half)), ("proj", slice(half, None))):
+            bias = None if layer.up_bias is None else layer.up_bias[rows]
+            layers[stem + part] = LoRALayer(layer.down, layer.up[rows], layer.scale, bias)
+    return dataclasses.replace(lora, layers=layers)
 
 
 def _collect(loras, targets) -> dict[str, list[tuple[LoRALayer, float]]]:

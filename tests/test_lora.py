@@ -2,6 +2,7 @@
 and the Lightning scheduler preset against diffusers' scheduler."""
 
 import copy
+import json
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,9 +38,9 @@ def base():
     return randomize_(QwenImageTransformer2DModel(**TINY).eval(), seed=0)
 
 
-def _save_peft_lora(base, folder, seed, metadata=True, **config):
-    """A random (non-zero B) PEFT LoRA for ``base``, written with diffusers' save_lora_weights."""
-    from diffusers import QwenImagePipeline
+def _save_peft_lora(base, folder, seed, metadata=True, pipeline="QwenImagePipeline", **config):
+    """A random (non-zero B) PEFT LoRA for ``base``, written with the diffusers pipeline's save_lora_weights."""
+    import diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -50,7 +51,7 @@ def _save_peft_lora(base, folder, seed, metadata=True, **config):
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    QwenImagePipeline.save_lora_weights(
+    getattr(diffusers, pipeline).save_lora_weights(
         folder,
         transformer_lora_layers=get_peft_model_state_dict(model, adapter_name="x"),
         transformer_lora_adapter_metadata=model.peft_config["x"].to_dict() if metadata else None,
@@ -382,3 +383,52 @@ def test_a_lora_beside_quantized_timestep_layers_keeps_them_in_memory(tiny_check
     args = dict(width=32, height=32, steps=2, cfg_scale=2.0, seed=4, output="np")
     np.testing.assert_array_equal(pipe.generate("a lamp", low_memory=True, **args),
                                   pipe.generate("a lamp", low_memory=False, **args))
+
+
+def test_qwen21_loras_equal_diffusers_in_both_spellings(tmp_path):
+    """A 2.1 LoRA (attention, the SwiGLU, the shared modulation) as diffusers loads it, and the same LoRA in
+    ComfyUI's layout with the fused ``img_mlp.gate_up`` (gate_layer and proj sharing one down matrix)."""
+    from safetensors.torch import load_file as load_torch
+    from test_transformer21 import _case, _ours, _pair, _ref
+
+    ref, ours = _pair(seed=4)
+    layers = ["to_q", "to_k", "to_v", "to_out.0", "img_mlp.gate_layer", "img_mlp.proj", "img_mlp.out", "modulation.1"]
+    path = _save_peft_lora(ref, tmp_path / "a", 7, pipeline="QwenImage21Pipeline", r=4, lora_alpha=8,
+                           target_modules=layers)
+    tensors = load_file(str(path))
+    for key in [k for k in tensors if ".img_mlp.gate_layer.lora_A" in k]:  # one down for the fused pair
+        tensors[key.replace("gate_layer", "proj")] = tensors[key]
+    save_file(tensors, str(path), metadata=_metadata(path))
+    c = _case([("text", 6)], (4, 4))
+    plain = _ref(ref, c)
+    adapted = copy.deepcopy(ref)  # as QwenImage21Pipeline.load_lora_weights loads it into the transformer
+    adapted.load_lora_adapter(load_torch(str(path)), prefix="transformer", adapter_name="l0",
+                              metadata=json.loads(_metadata(path)["lora_adapter_metadata"]))
+    expected = _ref(adapted, c)
+    assert rel_err(plain, expected) > 2e-2  # the LoRA matters
+    assert apply_lora(ours, [(path, 1.0)]) == 2 * 8 - 1  # 2 blocks x 7 layers + the shared modulation
+    assert rel_err(_ours(ours, c), expected) < 1e-4
+
+    comfy = {}
+    for key, value in tensors.items():
+        module = key.removeprefix("transformer.").split(".lora_")[0]
+        kind = "lora_down" if ".lora_A." in key else "lora_up"
+        if module.endswith("img_mlp.proj"):
+            continue
+        if module.endswith("img_mlp.gate_layer"):
+            module = module.replace("gate_layer", "gate_up")
+            if kind == "lora_up":
+                value = np.concatenate([value, tensors[key.replace("gate_layer", "proj")]])
+        comfy[f"diffusion_model.{module}.{kind}.weight"] = value
+        comfy[f"diffusion_model.{module}.alpha"] = np.array(8.0, np.float32)
+    save_file(comfy, str(tmp_path / "comfy.safetensors"))
+    _, fresh = _pair(seed=4)
+    assert apply_lora(fresh, [(tmp_path / "comfy.safetensors", 1.0)]) == 15
+    assert rel_err(_ours(fresh, c), expected) < 1e-4
+
+
+def _metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return f.metadata()

@@ -126,3 +126,27 @@ def test_size_presets_are_what_the_pipeline_makes_of_each_aspect(tiny_checkpoint
     result = CliRunner().invoke(cli, ["generate", "a fox", "--model", str(tiny_checkpoint[0]), "--aspect", "16:9-2k",
                                       "-o", str(tmp_path / "a.png")])
     assert result.exit_code == 1 and "--aspect 16:9-2k is not a preset of Qwen-Image text-to-image" in result.output
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_converted_checkpoint_equals_quantize_on_load(tiny21_checkpoint, tmp_path, bits):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_qwen_image.convert import convert
+
+    convert(tiny21_checkpoint[0], tmp_path / "q", bits=bits)
+    on_load = QwenImagePipeline.from_pretrained(tiny21_checkpoint[0], quantize=bits, dtype="bfloat16")
+    stored = QwenImagePipeline.from_pretrained(tmp_path / "q", dtype="bfloat16")
+    assert on_load.quantization == stored.quantization != "none"  # 2 blocks: both first and last, so 8-bit
+    a, b = dict(tree_flatten(on_load.transformer.parameters())), dict(tree_flatten(stored.transformer.parameters()))
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and mx.array_equal(a[k], b[k]) for k in a)
+    # The recipe: the edges and the timestep path float, the shared modulation and first/last blocks at 8 bits.
+    kinds = {path: getattr(m, "bits", None) for path, m in stored.transformer.named_modules()}
+    assert kinds["img_in"] is kinds["proj_out"] is kinds["txt_in.in_layer"] is None
+    assert kinds["modulation.1"] == kinds["transformer_blocks.0.attn.to_q"] == 8
+    latents = noise(64, 64, seed=6)
+    settings = dict(width=64, height=64, steps=2, latents=latents, output="np")
+    assert np.array_equal(on_load.generate("a fox", **settings), stored.generate("a fox", **settings))
+    exact = QwenImagePipeline.from_pretrained(tiny21_checkpoint[0], dtype="bfloat16").generate("a fox", **settings)
+    assert 0 < rel_err(stored.generate("a fox", **settings), exact) < (0.05 if bits == 8 else 0.2)
