@@ -65,6 +65,8 @@ TINY = {
 
 def parse_args(argv=None, prog: str = "python -m benchmarks.bench") -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["qwen-image", "2.1"], default="qwen-image",
+                   help="which transformer, text encoder and VAE to time (2.1: Qwen-Image 2.1, see bench21.py)")
     p.add_argument("--width", type=int, default=None, help="image width (default: 1024 on a GPU, 64 on the CPU)")
     p.add_argument("--height", type=int, default=None, help="image height (default: as --width)")
     p.add_argument("--blocks", default="auto", help="transformer blocks to run, or auto (memory permitting)")
@@ -72,7 +74,8 @@ def parse_args(argv=None, prog: str = "python -m benchmarks.bench") -> argparse.
     p.add_argument("--text-layers", type=int, default=None, help="text encoder layers (default 28; 1 on the CPU)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     p.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="the transformer's recipe bits")
-    p.add_argument("--steps", type=int, default=50, help="steps of the whole-image estimate")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps of the whole-image estimate (default: the model's, 50 or 2.1's 40)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -98,7 +101,14 @@ def parse_args(argv=None, prog: str = "python -m benchmarks.bench") -> argparse.
     if args.text_tokens is None:
         args.text_tokens = 16 if _on_cpu() or args.tiny else 64
     if args.text_layers is None:
-        args.text_layers = 1 if _on_cpu() or args.tiny else FULL_TEXT_LAYERS
+        args.text_layers = 1 if _on_cpu() or args.tiny else FULL_TEXT_LAYERS if args.model == "qwen-image" else 36
+    if args.steps is None:
+        args.steps = 40 if args.model == "2.1" else 50
+    if args.model == "2.1":
+        from .bench21 import check_args
+
+        if (problem := check_args(args)) is not None:
+            p.error(problem)
     if args.trials < 1 or args.warmup < 0:
         p.error("--trials must be at least 1 and --warmup at least 0")
     return args
@@ -273,10 +283,11 @@ def bench_cache(args, pipe, cond) -> dict:
     return out
 
 
-def bench_vae(args, dtype) -> dict:
+def bench_vae(args, dtype, cfg=None, cls=QwenImageVAE) -> dict:
+    """Decode timing of a random VAE (Qwen-Image's, or ``cls`` built from ``cfg``)."""
     before = mx.get_active_memory()
-    cfg = VAEConfig(**(TINY["vae"] if args.tiny else {}))
-    vae = QwenImageVAE(cfg)
+    cfg = cfg or VAEConfig(**(TINY["vae"] if args.tiny else {}))
+    vae = cls(cfg)
     vae.set_dtype(dtype)
     mx.eval(vae.parameters())
     s = cfg.scale_factor
@@ -365,7 +376,8 @@ def default_out(result: dict) -> Path:
     quant = f"-q{c['quantize']}" if c["quantize"] else ""
     tiny = "-tiny" if c["tiny"] else ""
     split = f"-{result['parallel']['mode']}{result['parallel']['ranks']}" if "parallel" in result else ""
-    return RESULTS / (f"{result['device']['type']}-{c['width']}x{c['height']}-{c['blocks']}b-{c['dtype']}{quant}"
+    model = "qwen21-" if result.get("model") == "qwen-image-2.1" else ""
+    return RESULTS / (f"{model}{result['device']['type']}-{c['width']}x{c['height']}-{c['blocks']}b-{c['dtype']}{quant}"
                       f"{split}{tiny}")
 
 
@@ -385,12 +397,18 @@ def main(argv=None, prog: str = "python -m benchmarks.bench") -> int:
         except DistributedError as e:
             print(e, file=sys.stderr)
             return 2
-    result = runtime.call(run, args, group)  # the pipeline's MLX work belongs on the MLX owner thread
+    if args.model == "2.1":
+        from . import bench21
+
+        result = runtime.call(bench21.run, args)
+        table = bench21.markdown(result)
+    else:
+        result = runtime.call(run, args, group)  # the pipeline's MLX work belongs on the MLX owner thread
+        table = markdown(result)
     if group is not None and group.rank() != 0:
         return 0  # rank 0 reports
     out = Path(args.out) if args.out else default_out(result)
     out.parent.mkdir(parents=True, exist_ok=True)
-    table = markdown(result)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(table)
     print(table)

@@ -101,6 +101,6 @@ def transformer21_step_flops(cfg, batch: int, n_img: int, n_txt: int, cached: bo
     if not cached:
         attention += blocks * 2 * 2 * (n_txt * (n_txt + 1) // 2) * d
     modulation = 2 * d * 4 * d + 2 * d * d + 2 * (TIMESTEP_CHANNELS * d + d * d)  # shared modulation, norm_out, time
-    parts = {"linear": batch * linear, "attention": batch * attention, "modulation": modulation * (2 if batch else 0)}
+    parts = {"linear": batch * linear, "attention": batch * attention, "modulation": batch * modulation}
     parts["total"] = sum(parts.values())
     return parts

@@ -171,6 +171,9 @@ class Job:
                 raise UsageError(f"{self.model} is {kind} checkpoint ({variant.class_name}): use "
                                  f"`mlx-qwen-image {command}`")
             most = variant.max_images
+            if self.lightning and not variant.lightning:
+                raise UsageError(f"--lightning is the schedule of Qwen-Image's Lightning LoRAs, which do not fit "
+                                 f"{variant.name}; leave it out (a Turbo checkpoint brings its own few-step grid)")
         if pictures > most:
             which = f"this checkpoint ({variant.class_name})" if not is_repo_id(self.model) else "the editing models"
             raise UsageError(f"{pictures} pictures given; {which} takes at most {most}")
@@ -198,7 +201,8 @@ class Job:
             from .distributed import choose, everyone
 
             fits = everyone(self.group, warning is None)
-            self.parallel = choose(self.parallel, self.group, cfg, len(self.seeds), fits)
+            self.parallel = choose(self.parallel, self.group, cfg, len(self.seeds), fits, variant.tensor_parallel,
+                                   variant.name)
             size = self.group.size()
             if self.parallel == "tensor":  # the fit that matters: a shard beside the text encoder
                 warning = too_large(self.model, self.quantize, width, height, cfg, self.low_memory, self.dtype,

@@ -111,17 +111,28 @@ def barrier(group) -> int:
     return runtime.call(lambda: int(mx.distributed.all_sum(mx.array(1, dtype=mx.int64), group=group).item()))
 
 
-def choose(mode: str | None, group, cfg: bool, images: int, fits_one: bool) -> str:
-    """The mode to run: the asked one, checked against the group, or the fastest that fits."""
+def choose(mode: str | None, group, cfg: bool, images: int, fits_one: bool, tensor: bool = True,
+           name: str = "this model") -> str:
+    """The mode to run: the asked one, checked against the group, or the fastest that fits. ``tensor``: whether
+    the model's blocks can be sharded (``name`` says which model when they cannot)."""
     size = group.size()
     if mode is None:
-        if not fits_one:
-            return "tensor"
-        if images >= size:
+        if fits_one and images >= size:
             return "data"
-        return "cfg" if cfg and size == 2 else "tensor"
+        if fits_one and cfg and size == 2:
+            return "cfg"
+        if tensor:
+            return "tensor"
+        if not fits_one:
+            raise DistributedError(f"{name} may not fit in one rank's memory and cannot be split by block (no "
+                                   f"--parallel tensor for it); try --quantize 8 or 4, or pass --parallel cfg or data")
+        raise DistributedError(f"{name} splits over ranks only by image (--num-images {size} or more) or by CFG "
+                               f"branch (2 ranks and --cfg-scale above 1): --parallel tensor is not available for it")
     if mode not in MODES:
         raise DistributedError(f"--parallel {mode}: use one of {', '.join(MODES)}")
+    if mode == "tensor" and not tensor:
+        raise DistributedError(f"--parallel tensor is not available for {name}; use --parallel cfg (2 ranks, "
+                               f"--cfg-scale above 1) or --parallel data (several images)")
     if mode == "cfg" and (size != 2 or not cfg):
         raise DistributedError(f"--parallel cfg needs exactly 2 ranks and CFG on (cfg_scale > 1); this run has "
                                f"{size} rank(s){'' if cfg else ' and CFG off'}")

@@ -94,6 +94,8 @@ class Variant:
     tokenizer_folders: tuple[str, ...] = ("tokenizer",)  # where the tokenizer files are, the first that has them
     references_first: bool = False  # edit pictures' latents before the image's (2.1) or after them (Qwen-Image)
     step_caches: bool = True  # first-block / TaylorSeer / MagCache apply (the MMDiT's two-stream block loop)
+    tensor_parallel: bool = True  # --parallel tensor can shard its blocks (the MMDiT's)
+    lightning: bool = True  # the Lightning LoRAs' schedule (--lightning) is made for this transformer
     image_slots: bool = False  # 2.1: the image's tokens fill slots of the text sequence (`Conditioning.slots`)
     aspects: tuple[tuple[str, int, int], ...] = QWEN_IMAGE_ASPECTS  # (name, width, height) presets
 
@@ -153,7 +155,7 @@ VARIANTS: dict[str, Variant] = {
                 transformer_params=7_115_124_736, text_encoder_params=7_568_405_504,
                 download_bytes=31_600_000_000, family="qwen-image-2.1", size_multiple=32, cfg_rescale=False,
                 blank_prompt=" ", tokenizer_folders=("processor", "tokenizer"), references_first=True,
-                step_caches=False, image_slots=True, aspects=QWEN21_ASPECTS),
+                step_caches=False, tensor_parallel=False, lightning=False, image_slots=True, aspects=QWEN21_ASPECTS),
     )
 }
 DEFAULT_TEXT_TO_IMAGE = VARIANTS["QwenImagePipeline"]

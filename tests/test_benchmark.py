@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("text_encoder", "modulation_table", "step_cfg", "step_nocfg", "vae_decode")
 
 
-def _check(result: dict):
+def _check(result: dict, headline: str = "step_cfg"):
     assert result["device"]["type"] in ("cpu", "gpu")
     assert result["config"]["tiny"] and result["config"]["blocks"] == 1
     assert set(PHASES) <= set(result["phases"])
@@ -33,7 +33,7 @@ def _check(result: dict):
     assert len(cfg["trials"]) == result["config"]["trials"]
     # Sane: positive and finite; above 100% only by timer noise, never by orders of magnitude.
     assert math.isfinite(result["efficiency"]) and 0 < result["efficiency"] < 5
-    assert result["efficiency"] == cfg["efficiency"]
+    assert result["efficiency"] == result["phases"][headline]["efficiency"]
     assert result["weights"]["modulation_weights_dropped"]
 
 
@@ -136,3 +136,52 @@ def test_the_benchmark_times_a_step_cache_beside_no_cache(tmp_path):
     assert cache["setting"] == "taylorseer:5" and cache["passes"] == 24 and cache["computed"] < 24
     assert cache["seconds_with"] > 0 and cache["seconds_without"] > 0
     assert "Step cache taylorseer:5" in out.with_suffix(".md").read_text()
+
+
+def test_qwen21_benchmark_writes_json_and_markdown(tmp_path):
+    out = tmp_path / "tiny21"
+    assert main(["--model", "2.1", "--tiny", "--trials", "2", "--warmup", "1", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    _check(result, headline="step_nocfg")  # 2.1 runs without CFG by default
+    assert result["model"] == "qwen-image-2.1" and result["projection"] is None
+    for name in ("step_cfg", "step_nocfg"):  # the first step also runs the text through every block
+        phase = result["phases"][name]
+        assert phase["first_step_flops"]["total"] > phase["flops"]["total"] and phase["first_step_seconds"] > 0
+    sizes = [(r["width"], r["height"]) for r in result["flop_table"]]
+    assert sizes == [(1024, 1024), (2048, 2048)]
+    text = out.with_suffix(".md").read_text()
+    assert "# Qwen-Image 2.1 benchmark" in text and "| 2048x2048 |" in text
+
+
+def test_qwen21_benchmark_refuses_sizes_not_multiples_of_32(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "2.1", "--tiny", "--width", "48"])
+    assert e.value.code == 2 and "multiples of 32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_qwen21_flop_formula_counts_every_linear_layer(cached):
+    from mlx_qwen_image.benchmarks.flops import transformer21_step_flops
+    from mlx_qwen_image.models.transformer21 import QwenImage21Transformer, Transformer21Config
+
+    cfg = Transformer21Config(num_layers=2, num_attention_heads=2, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
+                              context_in_dim=40)
+    model = QwenImage21Transformer(cfg)
+    batch, n_img, n_txt = 2, 12, 7
+    counted = 0
+    for path, layer in model.named_modules():
+        if not hasattr(layer, "weight") or layer.weight.ndim != 2:
+            continue
+        if path.startswith("txt_in."):
+            rows = 0 if cached else n_txt  # the text runs once, at the first step, into the prefix cache
+        elif path.startswith(("modulation", "time_text_embed", "norm_out")):
+            rows = 1  # one modulation row per item
+        elif path.startswith("transformer_blocks."):
+            rows = n_img if cached else n_img + n_txt
+        else:
+            rows = n_img  # img_in, proj_out
+        counted += 2 * rows * layer.weight.shape[0] * layer.weight.shape[1]
+    # Target queries see every key; causal text queries (first step) see the text up to themselves.
+    pairs = n_img * (n_img + n_txt) + (0 if cached else n_txt * (n_txt + 1) // 2)
+    attention = cfg.num_layers * 4 * cfg.inner_dim * pairs
+    assert transformer21_step_flops(cfg, batch, n_img, n_txt, cached)["total"] == batch * (counted + attention)

@@ -224,6 +224,14 @@ def test_choose_picks_the_fastest_that_fits_and_refuses_what_cannot_work():
     assert choose(None, Ranks(2), cfg=True, images=4, fits_one=False) == "tensor"  # only shards fit
     assert choose(None, Ranks(4), cfg=True, images=1, fits_one=True) == "tensor"
     assert choose("tensor", Ranks(2), cfg=True, images=4, fits_one=True) == "tensor"
+    # a model whose blocks cannot be sharded (Qwen-Image 2.1): images or CFG branches only
+    assert choose(None, Ranks(2), cfg=True, images=1, fits_one=True, tensor=False) == "cfg"
+    assert choose(None, Ranks(2), cfg=False, images=2, fits_one=True, tensor=False) == "data"
+    for args in (dict(cfg=False, images=1, fits_one=True), dict(cfg=True, images=4, fits_one=False)):
+        with pytest.raises(DistributedError, match="Qwen-Image 2.1 .*tensor"):
+            choose(None, Ranks(2), tensor=False, name="Qwen-Image 2.1", **args)
+    with pytest.raises(DistributedError, match="--parallel tensor is not available for Qwen-Image 2.1; use"):
+        choose("tensor", Ranks(2), cfg=True, images=1, fits_one=True, tensor=False, name="Qwen-Image 2.1")
     with pytest.raises(DistributedError, match="needs exactly 2 ranks and CFG on"):
         choose("cfg", Ranks(2), cfg=False, images=1, fits_one=True)
     with pytest.raises(DistributedError, match="needs exactly 2 ranks"):
@@ -235,3 +243,17 @@ def test_tensor_refuses_heads_that_do_not_split():
     with pytest.raises(DistributedError, match="3 attention heads and 96 MLP units do not split evenly over 2"):
         check_tensor(config, 2)
     check_tensor(config, 3)
+
+
+def test_qwen21_splits_cfg_branches_and_refuses_tensor(tiny21_checkpoint, tmp_path):
+    model = str(tiny21_checkpoint[0])
+    args = ("generate", "a paper boat", "--model", model, "--width", "64", "--height", "64", "--steps", "2",
+            "--dtype", "float32", "--seed", "3", "--cfg-scale", "3")
+    code, log, _ = bounded([CLI, *args, "-o", tmp_path / "alone.png"], 120)
+    assert code == 0, log
+    code, log, _ = launch(CLI, *args, "--parallel", "cfg", "-o", tmp_path / "split.png")
+    assert code == 0 and "2 ranks, --parallel cfg" in log, log
+    assert (tmp_path / "alone.png").read_bytes() == (tmp_path / "split.png").read_bytes()
+    code, log, _ = launch(CLI, *args, "--parallel", "tensor", "-o", tmp_path / "tensor.png")
+    assert "--parallel tensor is not available for Qwen-Image 2.1" in log and "Traceback" not in log, log
+    assert not (tmp_path / "tensor.png").exists()

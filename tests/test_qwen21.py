@@ -150,3 +150,10 @@ def test_converted_checkpoint_equals_quantize_on_load(tiny21_checkpoint, tmp_pat
     assert np.array_equal(on_load.generate("a fox", **settings), stored.generate("a fox", **settings))
     exact = QwenImagePipeline.from_pretrained(tiny21_checkpoint[0], dtype="bfloat16").generate("a fox", **settings)
     assert 0 < rel_err(stored.generate("a fox", **settings), exact) < (0.05 if bits == 8 else 0.2)
+
+
+def test_cli_refuses_lightning(tiny21_checkpoint, tmp_path):
+    result = CliRunner().invoke(cli, ["generate", "a fox", "--model", str(tiny21_checkpoint[0]), "--lightning", "8",
+                                      "-o", str(tmp_path / "fox.png")])
+    assert result.exit_code == 1 and "--lightning is the schedule of Qwen-Image's Lightning LoRAs" in result.output
+    assert not (tmp_path / "fox.png").exists()

@@ -229,3 +229,19 @@ def test_full_size_names_and_shapes():
             k, shape = k.replace("gate_layer", "gate_up"), (2 * shape[0], shape[1])
         comfy["model.diffusion_model." + k] = mx.zeros(shape, mx.bfloat16)
     assert {k: v.shape for k, v in ours.sanitize(comfy).items()} == expected
+
+
+def test_every_layer_quantized_with_and_without_condition_blocks(pair):
+    """img_in quantized too (not the recipe's choice, but a plan may ask for it): a text-only call has no condition
+    rows for it, which MLX's quantized matmul cannot take."""
+    from mlx_qwen_image.quantize import apply_plan, transformer_plan
+
+    ref, ours = pair
+    quantized = QwenImage21Transformer.from_config(TINY)
+    quantized.load_weights(tree_flatten(ours.parameters()))
+    plan = transformer_plan(quantized, 8, 32, recipe={})
+    assert "img_in" in plan
+    apply_plan(quantized, plan)
+    for layout in ([("text", 7)], [("text", 3), (4, 4), ("text", 4)]):
+        c = _case(layout, (4, 4))
+        assert rel_err(_ours(quantized, c), _ref(ref, c)) < 5e-2  # 8 bits on every layer: a few percent

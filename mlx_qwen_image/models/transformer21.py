@@ -393,9 +393,10 @@ class QwenImage21Transformer(TimestepPath, nn.Module):
                                  f"{(B, lay.prefix_len)}: use one cache per run")
             x_p = None
         else:
-            txt = self.txt_in(encoder_hidden_states.astype(dtype))
-            cond = self.img_in(hidden_states[:, : N - n_target].astype(dtype))
-            x_p = mx.take(mx.concatenate([txt, cond], axis=1), lay.gather, axis=1)
+            prefix = [self.txt_in(encoder_hidden_states.astype(dtype))]
+            if N > n_target:  # MLX 0.32's quantized matmul aborts the process (SIGFPE) on zero rows
+                prefix.append(self.img_in(hidden_states[:, : N - n_target].astype(dtype)))
+            x_p = mx.take(mx.concatenate(prefix, axis=1), lay.gather, axis=1)
 
         stored = []
         for i, block in enumerate(self.transformer_blocks):
