@@ -165,7 +165,7 @@ class Job:
         most = max(v.max_images for v in VARIANTS.values())
         if not is_repo_id(self.model):
             _, variant = locate(self.model, variant, config_only=("transformer",) if self.gguf else ())
-            if variant.edits != edits:
+            if (edits and not variant.edits) or (not edits and variant.needs_images):
                 kind, command = ("an image-editing", "edit --image FILE") if variant.edits else \
                     ("a text-to-image", "generate")
                 raise UsageError(f"{self.model} is {kind} checkpoint ({variant.class_name}): use "
@@ -195,8 +195,9 @@ class Job:
         refusal = refuse_size(width, height, cfg)
         if refusal:
             raise UsageError(refusal)
+        sizes = [p.size for p in images]
         warning = too_large(self.model, self.quantize, width, height, cfg, self.low_memory, self.dtype,
-                            self.text_encoder_bits, variant, self.gguf)
+                            self.text_encoder_bits, variant, self.gguf, pictures=sizes)
         if self.group is not None:
             from .distributed import choose, everyone
 
@@ -206,7 +207,7 @@ class Job:
             size = self.group.size()
             if self.parallel == "tensor":  # the fit that matters: a shard beside the text encoder
                 warning = too_large(self.model, self.quantize, width, height, cfg, self.low_memory, self.dtype,
-                                    self.text_encoder_bits, variant, self.gguf, ranks=size)
+                                    self.text_encoder_bits, variant, self.gguf, ranks=size, pictures=sizes)
             say(f"{size} ranks, --parallel {self.parallel}" +
                 {"cfg": ": rank 0 the prompt, rank 1 the negative prompt",
                  "tensor": f": every block split {size} ways", "data": f": the {len(self.seeds)} images spread "
@@ -295,6 +296,9 @@ class Job:
         times = [f"{label} {stats[name]['seconds']:.1f} s" for name, label in
                  (("text_encoder", "prompt"), ("picture_encode", "pictures"), ("denoise", f"{run.total} steps"),
                   ("decode", "decode")) if name in stats]
+        if "prefix_cache" in stats:
+            kv = stats["prefix_cache"]
+            times.append(f"prefix K/V cache {kv['tokens']} tokens, {kv['bytes'] / 1e9:.2f} GB")
         say(f"saved {path} ({', '.join(times)})")
         if "cache" in stats:
             self.passes += stats["cache"]["passes"]

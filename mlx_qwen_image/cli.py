@@ -152,6 +152,10 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
     job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory, gguf,
               text_encoder_bits, loras, lightning, cache_spec, enhance_prompt, parallel, connect_timeout)
     variant = job.check_model(edits=False)
+    if picture is not None and not variant.img2img:
+        raise UsageError(f"{variant.name} does not redraw a picture (img2img); to edit it, use `mlx-qwen-image edit "
+                         f"PROMPT --image {init_image}`" if variant.edits else
+                         f"{variant.name} does not redraw a picture (img2img); it does {variant.tasks}")
     if aspect:
         sizes = {name: (w, h) for name, w, h in variant.aspects}
         if aspect not in sizes:
@@ -171,7 +175,7 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
 @cli.command()
 @click.argument("prompt")
 @click.option("--image", "images", multiple=True, required=True, metavar="FILE",
-              help="Input picture (repeat for up to 3 with Edit-2509/2511).")
+              help="Input picture (repeat: up to 3 with Edit-2509/2511, up to 10 with Qwen-Image 2.1).")
 @click.option("--model", default="Qwen/Qwen-Image-Edit-2509", show_default=True,
               help="Editing checkpoint folder or Hub repo id.")
 @click.option("--width", type=int, default=None, help="Output width. [default: last picture's aspect, ~1024x1024]")
@@ -182,7 +186,7 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
 def edit(prompt, images, model, width, height, steps, cfg_scale, negative_prompt, seed, num_images, output,
          overwrite, quantize, dtype, low_memory, gguf, text_encoder_bits, loras, cache_spec, enhance_prompt, parallel,
          connect_timeout, lightning):
-    """Edit pictures as PROMPT says (Qwen-Image-Edit, Edit-2509, Edit-2511)."""
+    """Edit pictures as PROMPT says (Qwen-Image-Edit, Edit-2509, Edit-2511, Qwen-Image 2.1)."""
     for name, v in (("width", width), ("height", height)):
         if v is not None and (v < 16 or v % 16):
             raise UsageError(f"--{name} {v} is not a multiple of 16; use {nearest16(v)}")

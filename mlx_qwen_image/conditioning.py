@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from .image import fit_area, open_image, resize
+from .image import fit_area, on_white, open_image, resize
 from .variants import Variant
 
 
@@ -121,10 +121,11 @@ def img2img(pipe, req: Request, phase) -> Conditioning:
 
 def edit_pictures(variant: Variant, images) -> tuple[list[Image.Image], list[Image.Image]]:
     """(the pictures as the vision tower sees them, the pictures as the VAE encodes them), each at its own
-    aspect: the VAE's at about ``reference_area`` pixels, the tower's at ``condition_area`` (or the VAE's)."""
+    aspect: the VAE's at about ``reference_area`` pixels, the tower's at ``condition_area`` (or the VAE's, with
+    any transparency composited onto white)."""
     vae = [resize(i, *fit_area(*i.size, variant.reference_area)) for i in images]
     if variant.condition_area is None:
-        return vae, vae
+        return [on_white(i) for i in vae], vae
     return [resize(i, *fit_area(*i.size, variant.condition_area)) for i in images], vae
 
 
@@ -132,13 +133,23 @@ def edit(pipe, req: Request, phase) -> Conditioning:
     """The pictures enter twice: as vision tokens inside the prompt, and as VAE latents appended to the image
     tokens of every transformer call (segments 1, 2, ...), of which only the generated segment's output is used."""
     condition, vae = edit_pictures(pipe.variant, req.images)
+    if pipe.variant.image_slots:  # each vision token must stand for 2x2 of the picture's latents
+        for i, p in enumerate(condition):
+            seen = pipe.prompts.processor.resized_size(*p.size)
+            if seen != p.size:
+                raise ValueError(f"picture {i + 1} is used at {p.size[0]}x{p.size[1]}, but the vision processor's "
+                                 f"pixel bounds make it {seen[0]}x{seen[1]}; check processor/preprocessor_config.json")
     with phase("text_encoder"):
         features = pipe.text_features(req.text_rows, condition)
     with phase("picture_encode"):
         reference = mx.concatenate([pipe.encode_image(p) for p in vae], axis=1)
         mx.eval(reference)
     cond = _conditioning(pipe, req, features, reference=reference)
-    cond.segments += [(1, p.size[1] // 16, p.size[0] // 16) for p in vae]
+    pictures = [(1, p.size[1] // 16, p.size[0] // 16) for p in vae]
+    cond.segments = pictures + cond.segments if pipe.variant.references_first else cond.segments + pictures
+    if pipe.variant.image_slots:  # where the pictures' vision tokens sit in the text, then the image's slots
+        text = pipe.prompts.image_slots(req.text_rows, condition)
+        cond.slots = np.concatenate([text, np.ones(cond.image_tokens // 4, bool)])
     return cond
 
 
@@ -206,7 +217,7 @@ def pictures_list(images, variant: Variant) -> list[Image.Image]:
     if len(items) > variant.max_images:
         raise ValueError(f"this checkpoint ({variant.class_name}) takes at most {variant.max_images} picture(s), "
                          f"got {len(items)}")
-    return [open_image(i) for i in items]
+    return [open_image(i).convert(variant.picture_mode) for i in items]
 
 
 def _integer(name: str, value, low: int | None = None):
@@ -241,14 +252,14 @@ def make_request(variant: Variant, channels: int, fixed_steps: int | None, promp
     prompts = check_prompts(prompt)
     if image is not None and not variant.img2img:
         raise ValueError(f"this checkpoint ({variant.class_name}) does not do img2img; it does {variant.tasks}")
-    if images is None and variant.edits:
+    if images is None and variant.needs_images:
         raise ValueError(f"this checkpoint ({variant.class_name}) edits pictures: pass images=[...] "
                          "(mlx-qwen-image edit --image FILE)")
     strength = _number("strength", strength)
     if strength is not None and image is None:
         raise ValueError("strength applies to img2img only: pass image= too")
     pictures = tuple(pictures_list(images, variant)) if images is not None else ()
-    picture = open_image(image) if image is not None else None
+    picture = open_image(image).convert(variant.picture_mode) if image is not None else None
     if picture is not None:
         strength = 0.6 if strength is None else strength
         if not 0 < strength <= 1:

@@ -20,8 +20,9 @@ MAX_PICTURE_ASPECT = 16  # the models' official sizes stay within 16:9; a strip 
 
 
 def open_image(image, name: str | None = None) -> Image.Image:
-    """A picture (a path or a PIL image) as an RGB PIL image, as diffusers' loader gives it (EXIF rotation
-    applied), with 16-bit and 32-bit grey pictures scaled to 8 bits instead of clipped to white. Anything unusable
+    """A picture (a path or a PIL image) as an RGB PIL image, or RGBA when it has transparency, as diffusers'
+    loader gives it (EXIF rotation applied), with 16-bit and 32-bit grey pictures scaled to 8 bits instead of
+    clipped to white. Anything unusable
     (missing, not a picture, truncated, a decompression bomb, a strip) is a one-line ``ValueError``."""
     label = name or (str(image) if not isinstance(image, Image.Image) else "the picture")
     if isinstance(image, Image.Image):
@@ -47,7 +48,18 @@ def open_image(image, name: str | None = None) -> Image.Image:
         values = np.asarray(picture, dtype=np.float64)
         top = 1.0 if picture.mode == "F" and values.max(initial=0) <= 1 else 65535.0
         picture = Image.fromarray(np.round(np.clip(values / top, 0, 1) * 255).astype(np.uint8), "L")
-    return picture.convert("RGB")
+    alpha = "A" in picture.getbands() or picture.info.get("transparency") is not None
+    return picture.convert("RGBA" if alpha else "RGB")
+
+
+def on_white(image: Image.Image) -> Image.Image:
+    """An RGBA picture composited onto white (what Qwen-Image 2.1's vision tower was trained to see), as diffusers
+    pastes it; any other picture as RGB."""
+    if image.mode != "RGBA":
+        return image.convert("RGB")
+    white = Image.new("RGB", image.size, (255, 255, 255))
+    white.paste(image, mask=image.getchannel("A"))
+    return white
 
 
 def _check_size(size: tuple[int, int], label: str):

@@ -1,12 +1,14 @@
-"""Qwen2-VL's image processor in numpy/PIL: pictures -> the vision tower's patches and grids.
+"""The Qwen-VL image processor in numpy/PIL: pictures -> the vision tower's patches and grids.
 
-Each image is converted to RGB (transparency composited onto white), resized with PIL's bicubic filter so
-both sides are multiples of 28 (patch 14 x merge 2) and the area lies within [min_pixels, max_pixels],
-scaled to [0, 1], normalised with CLIP's mean/std, and cut into 14x14 patches. A still image is repeated
-over the 2 frames of a temporal patch, so each row of ``pixel_values`` holds 3 x 2 x 14 x 14 values; rows are
-ordered by 2x2 merge block, the order the vision tower's merger expects. This follows transformers' PIL
-``Qwen2VLImageProcessor`` step by step (same uint8 resize, same float64 rescale then float32), so the
-outputs are equal, not merely close.
+One class serves every Qwen vision tower by configuration: Qwen2-VL/2.5-VL (the edit models: patch 14, CLIP
+mean/std, the defaults here) and Qwen3-VL (Qwen-Image 2.1: patch 16, mean/std 0.5), both of which transformers
+runs through its ``Qwen2VLImageProcessor``. Each image is converted to RGB (transparency composited onto white),
+resized with PIL's bicubic filter so both sides are multiples of patch_size x merge_size (28 or 32) and the area
+lies within [min_pixels, max_pixels], scaled to [0, 1], normalised with the configured mean/std, and cut into
+patch_size-square patches. A still image is repeated over the frames of a temporal patch, so each row of
+``pixel_values`` holds 3 x temporal_patch_size x patch_size**2 values; rows are ordered by merge block, the order
+the vision tower's merger expects. This follows transformers' PIL ``Qwen2VLImageProcessor`` step by step (same
+uint8 resize, same float64 rescale then float32), so the outputs are equal, not merely close.
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ IMAGE_PAD = "<|image_pad|>"
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
                  max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
     """The size Qwen2-VL resizes an image to: sides multiples of ``factor``, area within the bounds."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"image aspect ratio {max(height, width) / min(height, width):.0f}:1 is above 200:1")
+    if height < 1 or width < 1:
+        raise ValueError(f"image {width}x{height} (width x height) has no pixels; pass a picture at least 1x1")
+    ratio = max(height, width) / min(height, width)
+    if ratio > 200:  # transformers refuses these too
+        raise ValueError(f"image {width}x{height} (width x height) has an aspect ratio of {ratio:.4g}:1, above the "
+                         "200:1 the vision tower takes; crop or pad it closer to square")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -49,6 +55,10 @@ def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise ValueError(f"image arrays must be uint8 HxWxC, got {image.dtype}")
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+            raise ValueError(f"image arrays must be HxW, HxWx3 (RGB) or HxWx4 (RGBA), got shape {image.shape}")
         image = Image.fromarray(image)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
@@ -58,7 +68,8 @@ def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
 
 @dataclasses.dataclass
 class QwenImageProcessor:
-    """Defaults are the released ``processor/preprocessor_config.json`` values (Qwen2.5-VL-7B's)."""
+    """Defaults are the released edit models' ``processor/preprocessor_config.json`` values (Qwen2.5-VL-7B's);
+    Qwen3-VL's file sets patch_size 16, mean/std 0.5 and size={shortest_edge: 65536, longest_edge: 16777216}."""
 
     min_pixels: int = 56 * 56
     max_pixels: int = 12845056
@@ -72,8 +83,11 @@ class QwenImageProcessor:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "QwenImageProcessor":
+        """Reads min_pixels, max_pixels (or size), patch_size, temporal_patch_size, merge_size, image_mean,
+        image_std, rescale_factor and resample; other keys (processor_class, do_resize, ...) are ignored."""
         fields = _known_fields(cls, config)
-        # Newer transformers write the bounds as size={shortest_edge, longest_edge}; min/max_pixels win.
+        # Newer transformers (and Qwen3-VL's files) write the bounds as size={shortest_edge, longest_edge} only;
+        # a top-level min_pixels/max_pixels wins key by key, as in transformers' constructor.
         size = config.get("size") or {}
         if not isinstance(size, dict):
             raise ConfigError(f"size must be an object, got {size!r}")
@@ -108,6 +122,11 @@ class QwenImageProcessor:
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) an image of this size is resized to."""
         h, w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        if h < self.factor or w < self.factor:
+            # Only a min_pixels below 1 (never from a validated config) lets a side round down to nothing.
+            raise ValueError(f"image {width}x{height} (width x height) resizes to {w}x{h}, under one "
+                             f"{self.factor}x{self.factor} merged token; set min_pixels (now {self.min_pixels}) to "
+                             f"at least {self.factor**2}, or pass a larger picture")
         return w, h
 
     def num_image_tokens(self, grid_thw: Sequence[int]) -> int:
@@ -135,9 +154,12 @@ class QwenImageProcessor:
         return patches.reshape(grid_h * grid_w, -1), (1, grid_h, grid_w)
 
     def __call__(self, images: Sequence[Image.Image | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """``pixel_values`` (sum of patches, 3*2*14*14) float32 and ``image_grid_thw`` (images, 3) int64."""
+        """``pixel_values`` (sum of patches, 3*temporal*patch**2) float32 and ``image_grid_thw`` (images, 3) int64."""
         if isinstance(images, (Image.Image, np.ndarray)):
             images = [images]
+        images = list(images)
+        if not images:
+            raise ValueError("no images were given; pass at least one picture")
         results = [self.preprocess_one(image) for image in images]
         pixel_values = np.concatenate([r[0] for r in results], axis=0)
         return pixel_values, np.array([r[1] for r in results], dtype=np.int64)

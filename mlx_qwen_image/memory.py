@@ -44,13 +44,31 @@ def component_bytes(folder: Path, quantize: int | None, dtype: str, skip=("visua
     return stored if prequantized else params * bytes_per_param(quantize, dtype)
 
 
+def prefix_cache_bytes(variant: Variant, pictures=(), cfg: bool = False, dtype: str = "bfloat16",
+                       text_tokens: int = 64) -> float:
+    """The prefix K/V cache of a 2.1 run: per CFG row, the text and every picture's tokens (its latents at
+    16 px and its vision tokens at 32 px, at the size the run resizes it to) in every block. ``pictures``: the
+    (width, height) of each edit picture as given."""
+    if not variant.kv_bytes_per_token:
+        return 0.0
+    from .image import fit_area
+
+    tokens = text_tokens
+    for w, h in pictures:
+        w, h = fit_area(w, h, variant.reference_area)
+        tokens += (w // 16) * (h // 16) + (w // 32) * (h // 32)
+    return (2 if cfg else 1) * tokens * variant.kv_bytes_per_token * bytes_per_param(None, dtype) / 2
+
+
 def estimate_bytes(model, quantize: int | None, width: int, height: int, cfg: bool, low_memory: bool,
                    dtype: str = "bfloat16", text_encoder_bits: int | None = None,
-                   variant: Variant = DEFAULT_TEXT_TO_IMAGE, gguf=None, ranks: int = 1) -> float:
+                   variant: Variant = DEFAULT_TEXT_TO_IMAGE, gguf=None, ranks: int = 1, pictures=()) -> float:
     """Peak bytes of a run: the weights resident at once plus activation headroom. With ``low_memory`` the text
     encoder and the transformer are never resident together. ``variant`` gives the parameter counts of a
     checkpoint that is not on disk yet; with ``gguf``, the transformer is that file's size. ``ranks``: the
-    transformer split that many ways (tensor parallelism; rank 0, with the text encoder, is the fullest)."""
+    transformer split that many ways (tensor parallelism; rank 0, with the text encoder, is the fullest).
+    ``pictures``: the (width, height) of the edit pictures, whose prefix K/V cache (2.1) lives with the
+    transformer."""
     folder = Path(str(model)).expanduser()
     transformer = text = None
     if gguf is not None and Path(gguf).is_file():
@@ -62,7 +80,7 @@ def estimate_bytes(model, quantize: int | None, width: int, height: int, cfg: bo
         transformer = variant.transformer_params * bytes_per_param(quantize, dtype)
     if text is None:
         text = variant.text_encoder_params * bytes_per_param(text_encoder_bits, dtype)
-    transformer /= ranks
+    transformer = transformer / ranks + prefix_cache_bytes(variant, pictures, cfg, dtype)
     return (max(transformer, text) if low_memory else transformer + text) + activation_bytes(width, height, cfg)
 
 
@@ -119,14 +137,17 @@ def total_memory() -> int | None:
 
 
 def too_large(model, quantize, width, height, cfg, low_memory, dtype="bfloat16", text_encoder_bits=None,
-              variant: Variant = DEFAULT_TEXT_TO_IMAGE, gguf=None, ranks: int = 1) -> str | None:
+              variant: Variant = DEFAULT_TEXT_TO_IMAGE, gguf=None, ranks: int = 1, pictures=()) -> str | None:
     """A one-line warning when a run's estimated peak exceeds 90% of this machine's memory, else None."""
     need = estimate_bytes(model, quantize, width, height, cfg, low_memory, dtype, text_encoder_bits, variant, gguf,
-                          ranks)
+                          ranks, pictures)
     have = total_memory()
     if not have or need <= 0.9 * have:
         return None
+    kv = prefix_cache_bytes(variant, pictures, cfg, dtype)
     hints = [h for h, ok in (("--quantize 4", quantize != 4), ("--low-memory", not low_memory),
-                             ("--text-encoder-bits 8", not text_encoder_bits)) if ok]
-    return (f"warning: {model} at {width}x{height} needs about {need / 1e9:.0f} GB and this machine has "
+                             ("--text-encoder-bits 8", not text_encoder_bits),
+                             ("fewer pictures", kv > 0.1 * need)) if ok]
+    held = f" ({kv / 1e9:.1f} GB of it the pictures' K/V cache)" if kv else ""
+    return (f"warning: {model} at {width}x{height} needs about {need / 1e9:.0f} GB{held} and this machine has "
             f"{have / 1e9:.0f} GB" + (f"; try {' or '.join(hints)}" if hints else ""))

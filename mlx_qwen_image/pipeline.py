@@ -423,6 +423,9 @@ class QwenImagePipeline:
                 if drop:  # lazy: read from disk again only when the next run's table needs them
                     model.restore_modulation_weights(self._timestep_source.weights(model))
                 stats["steps"] = step_seconds
+                prefix = inputs.get("kv_cache")
+                if prefix is not None and prefix.filled:  # (rows, text + condition tokens), and what it holds
+                    stats["prefix_cache"] = {"tokens": prefix.shape[1], "bytes": prefix.nbytes}
                 if cache is not None:
                     stats["cache"] = cache.finish()
                 _phase(stats, "denoise", start)

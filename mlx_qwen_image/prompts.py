@@ -20,6 +20,7 @@ import numpy as np
 from .config import read_json
 from .loading import load_model, tensor_names
 from .quantize import apply_plan, is_quantized, text_encoder_plan
+from .image_processor import IMAGE_PAD
 from .variants import PICTURE_TOKENS, TEMPLATE_SUFFIX_TOKENS, Variant
 
 # Qwen-Image conditions on at most 1024 text features (prompt tokens plus the 5 closing template tokens);
@@ -86,10 +87,17 @@ class PromptEncoder:
                              f"got {max_sequence_length}")
         if not prompts:
             raise ValueError("encode_prompt needs at least one prompt")
+        sequences, vision = self._sequences(prompts, pictures, max_sequence_length)
+        return self.encode_tokens(sequences, **vision)
+
+    def _sequences(self, prompts: list[str], pictures, max_sequence_length: int = MAX_SEQUENCE_LENGTH):
+        """The token ids of each prompt in the template (with the pictures' vision tokens), and the processor's
+        ``pixel_values`` and ``grids`` of the pictures."""
         variant, pictures = self.variant, list(pictures or ())
         if variant.blank_prompt is not None:
             prompts = [p or variant.blank_prompt for p in prompts]
-        prefix = "".join(variant.picture_label.format(i + 1) + PICTURE_TOKENS for i in range(len(pictures)))
+        prefix = variant.picture_separator.join(variant.picture_label.format(i + 1) + PICTURE_TOKENS
+                                                for i in range(len(pictures)))
         texts = [variant.template.format(prefix + p) for p in prompts]
         vision = {}
         if pictures:
@@ -101,7 +109,23 @@ class PromptEncoder:
         sequences = self.tokenizer.encode_batch(texts)
         if variant.max_text_tokens:
             sequences = [self._truncate(i, ids, max_sequence_length) for i, ids in enumerate(sequences)]
-        return self.encode_tokens(sequences, **vision)
+        return sequences, vision
+
+    def image_slots(self, prompts: list[str], pictures) -> np.ndarray:
+        """``(L,)`` bool over the features `encode` gives these prompts: True at the pictures' vision tokens. The
+        pictures come before the prompt in the user turn, so every row of a right-padded batch has them at the
+        same places."""
+        sequences, _ = self._sequences(prompts, pictures)
+        pad = self.tokenizer.tokenizer.token_to_id(IMAGE_PAD)
+        width = max(len(ids) for ids in sequences) - self.variant.drop
+        rows = []
+        for ids in sequences:
+            row = np.zeros(width, bool)
+            row[: len(ids) - self.variant.drop] = np.array(ids[self.variant.drop:]) == pad
+            rows.append(row)
+        if any(not np.array_equal(row, rows[0]) for row in rows):
+            raise ValueError("the pictures' vision tokens are not at the same places in every prompt row")
+        return rows[0]
 
     def _truncate(self, i: int, ids: list[int], max_sequence_length: int) -> list[int]:
         drop = self.variant.drop
@@ -130,10 +154,8 @@ class PromptEncoder:
             return mx.distributed.all_sum(features, group=self.share), keep  # rank 0's, as the others send zeros
         encoder = self.load()
         padding = mx.array(mask) if min(lengths) < max(lengths) else None
-        if pixel_values is not None:
-            features = encoder.visual(mx.array(pixel_values), grids)  # once; every prompt row reuses it
-            hidden = encoder(mx.array(ids), padding, image_grid_thw=np.concatenate([grids] * len(sequences)),
-                             image_embeds=mx.concatenate([features] * len(sequences)))
+        if pixel_values is not None:  # the tower runs once; every prompt row reuses what it saw
+            hidden = encoder(mx.array(ids), padding, **encoder.see(pixel_values, grids, len(sequences)))
         else:
             hidden = encoder(mx.array(ids), padding)
         features = mx.where(keep[..., None].astype(mx.bool_), hidden[:, drop:], 0)

@@ -59,7 +59,8 @@ def create_app(service: Service) -> FastAPI:
                  "ready": pipe is not None}
         if pipe is not None:
             v = pipe.variant
-            about.update(variant=v.class_name, edits=v.edits, max_images=v.max_images, img2img=v.img2img,
+            about.update(variant=v.class_name, edits=v.edits, optional_images=v.optional_images,
+                         max_images=v.max_images, img2img=v.img2img,
                          steps=pipe.scheduler.fixed_steps or v.steps, cfg_scale=v.cfg_scale)
         return {"object": "list", "data": [about]}
 

@@ -78,6 +78,9 @@ class Variant:
     vision: bool = False  # the text encoder sees the edit pictures through its vision tower
     max_images: int = 0  # edit pictures taken; 0: not an editing checkpoint
     picture_label: str = ""  # text before each picture's tokens; {} is its number (1, 2, ...)
+    picture_separator: str = ""  # text between one picture's tokens and the next picture's label
+    picture_mode: str = "RGB"  # the PIL mode pictures are read in (2.1: "RGBA", the VAE sees the alpha channel)
+    optional_images: bool = False  # pictures optional: text-to-image without them, editing with them (2.1)
     condition_area: int | None = None  # pixels of a picture as the vision tower sees it; None: as the VAE does
     reference_area: int = 1024 * 1024  # pixels of a picture as the VAE encodes it; also the default output area
     img2img: bool = False
@@ -95,20 +98,29 @@ class Variant:
     references_first: bool = False  # edit pictures' latents before the image's (2.1) or after them (Qwen-Image)
     step_caches: bool = True  # first-block / TaylorSeer / MagCache apply (the MMDiT's two-stream block loop)
     tensor_parallel: bool = True  # --parallel tensor can shard its blocks (the MMDiT's)
+    kv_bytes_per_token: int = 0  # the prefix K/V cache per prefix token and CFG row in bf16 (2.1: 32 x 2 x 4096 x 2)
     lightning: bool = True  # the Lightning LoRAs' schedule (--lightning) is made for this transformer
     image_slots: bool = False  # 2.1: the image's tokens fill slots of the text sequence (`Conditioning.slots`)
     aspects: tuple[tuple[str, int, int], ...] = QWEN_IMAGE_ASPECTS  # (name, width, height) presets
 
     @property
     def edits(self) -> bool:
+        """Whether it takes edit pictures."""
         return self.max_images > 0
+
+    @property
+    def needs_images(self) -> bool:
+        """Whether every run needs edit pictures (an editing-only checkpoint)."""
+        return self.edits and not self.optional_images
 
     @property
     def tasks(self) -> str:
         """What a run of this checkpoint can do, for messages."""
-        if self.edits:
-            n = "one picture" if self.max_images == 1 else f"1-{self.max_images} pictures"
+        n = "one picture" if self.max_images == 1 else f"1-{self.max_images} pictures"
+        if self.needs_images:
             return f"image editing (images=[...], {n})"
+        if self.edits:
+            return f"text-to-image, and image editing with images=[...] ({n}; mlx-qwen-image edit --image FILE)"
         return "text-to-image" + (" and img2img (image= with strength=)" if self.img2img else "")
 
     def model_class(self, component: str):
@@ -150,8 +162,11 @@ VARIANTS: dict[str, Variant] = {
         Variant("QwenImageEditPlusPipeline", "Qwen-Image-Edit-2509/2511", max_images=3,
                 picture_label="Picture {}: ", condition_area=384 * 384, **_EDIT),
         # Qwen-Image 2.1 and 2.1-Turbo (a fixed sigma grid in model_index.json's sample_sigmas).
+        # Pictures are optional: each is a condition block, seen by the vision tower and the VAE at the same size.
         Variant("QwenImage21Pipeline", "Qwen-Image 2.1", components=("transformer", "vae", "text_encoder",
-                "scheduler"), template=QWEN21_TEMPLATE, drop=14, max_text_tokens=None, steps=40, cfg_scale=1.0,
+                "scheduler", "processor"), template=QWEN21_TEMPLATE, vision=True, max_images=10,
+                picture_label="<image{}>", picture_separator=" ", picture_mode="RGBA", optional_images=True,
+                kv_bytes_per_token=32 * 2 * 4096 * 2, drop=14, max_text_tokens=None, steps=40, cfg_scale=1.0,
                 transformer_params=7_115_124_736, text_encoder_params=7_568_405_504,
                 download_bytes=31_600_000_000, family="qwen-image-2.1", size_multiple=32, cfg_rescale=False,
                 blank_prompt=" ", tokenizer_folders=("processor", "tokenizer"), references_first=True,

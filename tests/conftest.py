@@ -150,7 +150,10 @@ def build_tiny21_checkpoint(folder: Path, seed: int = 0, sample_sigmas=None):
     Qwen3VLProcessor.check_argument_for_proper_class = lambda self, name, arg: None
     torch.manual_seed(seed)
     tokenizer = Qwen2Tokenizer.from_pretrained(str(RELEASED / "tokenizer"))
-    processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2),
+    # Qwen3-VL's processor settings, but a lower pixel floor (the real one is 256^2) for small test pictures.
+    image_processor = Qwen2VLImageProcessor(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                            size={"shortest_edge": 32 * 32, "longest_edge": 16777216})
+    processor = Qwen3VLProcessor(image_processor=image_processor,
                                  tokenizer=tokenizer, video_processor=None, chat_template=CHAT_TEMPLATE21)
 
     def save_processor(path, **kwargs):  # without a video processor to save

@@ -132,8 +132,8 @@ def test_config_released_nested_flat_and_errors():
                        ({"text_config": {"hidden_act": "gelu"}}, "activation")]:
         with pytest.raises(ConfigError, match=match):
             TextEncoder21Config.from_dict(bad)
-    with pytest.raises(ValueError, match="vision tower"):
-        Qwen3TextEncoder.from_config(RELEASED, vision=True)
+    assert not Qwen3TextEncoder.from_config(RELEASED).has_vision
+    assert Qwen3TextEncoder.from_config(RELEASED, vision=True).has_vision
 
 
 def test_single_prompt_pre_norm_features_and_logits(tiny):
@@ -273,3 +273,10 @@ def test_full_size_names_and_shapes():
     assert mx.get_peak_memory() < 2**30, "building or loading evaluated the 16 GB of weights"
     count = sum(int(np.prod(s)) for s in params.values())
     assert count == 8_190_735_360, count
+    # Built for editing, every tensor of the checkpoint is read (the patch embedding's Conv3d as a matrix).
+    editing = Qwen3TextEncoder.from_config(RELEASED, lm_head=True, vision=True)
+    sanitized = editing.sanitize(weights)
+    assert {k.replace("model.visual.", "") for k in sanitized if k.startswith("model.visual.")} == \
+        {k.replace("model.visual.", "") for k in weights if k.startswith("model.visual.")}
+    editing.load_weights(list(sanitized.items()), strict=True)
+    assert mx.get_peak_memory() < 2**30

@@ -203,6 +203,15 @@ class QwenTextEncoder(nn.Module):
             out.update({"visual." + k: v for k, v in self.visual.sanitize(visual).items()})
         return out
 
+    def see(self, pixel_values, grids, copies: int = 1) -> dict:
+        """The keyword arguments of ``__call__`` for pictures (the processor's ``pixel_values`` and ``grids``) that
+        each of ``copies`` rows holds: the tower runs once."""
+        if not self.has_vision:
+            raise ValueError("this text encoder has no vision tower: build it with from_config(..., vision=True)")
+        features = self.visual(mx.array(pixel_values), grids)
+        return {"image_grid_thw": np.concatenate([np.asarray(grids)] * copies),
+                "image_embeds": mx.concatenate([features] * copies)}
+
     def __call__(
         self,
         input_ids: mx.array,

@@ -15,10 +15,11 @@ would start it at 0, runs only when there are images). Equal positions on the th
 RoPE (``mx.fast.rope``); and since RoPE scores depend only on position differences and padded keys are masked, a
 row run alone without padding gives the same features up to rounding.
 
-Vision seam (the tower itself is not ported yet): ``__call__`` takes the tower's features ``image_embeds``, which
-replace the ``<|image_pad|>`` embeddings, the 3-D ``positions (3, B, L)`` transformers' ``get_rope_index`` assigns
-them (`text_encoder.mrope_positions` computes the same for images), and the ``deepstack`` features, which Qwen3-VL
-adds to the hidden states of the image tokens after each of the first ``len(deepstack)`` decoder layers.
+Pictures. Built with ``vision=True`` the encoder holds Qwen3-VL's vision tower (`vision21`, as ``model.visual``):
+`see` turns the image processor's patches into the keyword arguments of ``__call__`` (the tower's features, which
+replace the ``<|image_pad|>`` embeddings, its ``deepstack`` features, which are added to the hidden states of the
+image tokens after each of the first ``len(deepstack)`` decoder layers, and the grids, from which the 3-D positions
+of transformers' ``get_rope_index`` follow: `text_encoder.mrope_positions`).
 
 Parameter names equal the checkpoint names (``model.language_model.layers.0.self_attn.q_norm.weight``).
 """
@@ -33,8 +34,9 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import ConfigError, _known_fields, _require, validate
-from .text_encoder import DecoderLayer, KVCache, RMSNorm
+from .text_encoder import DecoderLayer, KVCache, RMSNorm, mrope_positions
 from .vision import rotate_half
+from .vision21 import Qwen3VisionTower, Vision21Config
 
 
 @dataclasses.dataclass
@@ -57,7 +59,7 @@ class TextEncoder21Config:
     image_token_id: int = 151655
     video_token_id: int = 151656
     tie_word_embeddings: bool = False  # the LM head is the token embedding (the 8B model has its own)
-    # Kept as read, for the vision tower when it is ported.
+    # The vision tower's config, as read (`vision21.Vision21Config`).
     vision_config: dict = dataclasses.field(default_factory=dict)
     quantization: dict | None = None
 
@@ -173,30 +175,29 @@ class LanguageModel(nn.Module):
 
 
 class _Model(nn.Module):
-    """The checkpoint's ``model.``: ``language_model`` (and, once ported, ``visual``)."""
+    """The checkpoint's ``model.``: ``language_model`` and, for editing, ``visual``."""
 
-    def __init__(self, config: TextEncoder21Config):
+    def __init__(self, config: TextEncoder21Config, vision: bool):
         super().__init__()
         self.language_model = LanguageModel(config)
+        if vision:
+            self.visual = Qwen3VisionTower(Vision21Config.from_dict(config.vision_config))
 
 
 class Qwen3TextEncoder(nn.Module):
-    def __init__(self, config: TextEncoder21Config, lm_head: bool = False):
+    def __init__(self, config: TextEncoder21Config, lm_head: bool = False, vision: bool = False):
         super().__init__()
         self.config = config
-        self.model = _Model(config)
+        self.model = _Model(config, vision)
         if lm_head and not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._generates = lm_head
 
     @classmethod
     def from_config(cls, config: dict[str, Any], lm_head: bool = False, vision: bool = False) -> "Qwen3TextEncoder":
-        """``lm_head=True`` builds the language-model head, to generate text (the prompt enhancer). The vision
-        tower is not ported yet: ``vision=True`` is a ValueError."""
-        if vision:
-            raise ValueError("Qwen3-VL's vision tower is not supported yet: build the text encoder with vision=False "
-                             "(text-only prompts)")
-        return cls(TextEncoder21Config.from_dict(config), lm_head=lm_head)
+        """``lm_head=True`` builds the language-model head, to generate text (the prompt enhancer); ``vision=True``
+        the vision tower, to read pictures (editing)."""
+        return cls(TextEncoder21Config.from_dict(config), lm_head=lm_head, vision=vision)
 
     @property
     def has_vision(self) -> bool:
@@ -207,13 +208,27 @@ class Qwen3TextEncoder(nn.Module):
         return self._generates
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """The checkpoint's weights we use, lazily: the vision tower (``model.visual.*``) is dropped, and so is
-        ``lm_head.weight`` unless the model was built with its own head."""
-        return {name: value for name, value in weights.items()
-                if not name.startswith("model.visual.") and (not name.startswith("lm_head.") or "lm_head" in self)}
+        """The checkpoint's weights we use, lazily: the vision tower (``model.visual.*``) only when built with it,
+        ``lm_head.weight`` only when built with its own head."""
+        out = {name: value for name, value in weights.items()
+               if not name.startswith("model.visual.") and (not name.startswith("lm_head.") or "lm_head" in self)}
+        if self.has_vision:
+            out.update({"model.visual." + k: v for k, v in Qwen3VisionTower.sanitize(weights).items()})
+        return out
+
+    def see(self, pixel_values, grids, copies: int = 1) -> dict:
+        """The keyword arguments of ``__call__`` for pictures (the processor's ``pixel_values`` and ``grids``) that
+        each of ``copies`` rows holds: the tower runs once."""
+        if not self.has_vision:
+            raise ValueError("this text encoder has no vision tower: build it with from_config(..., vision=True)")
+        embeds, deepstack = self.model.visual(mx.array(pixel_values), grids)
+        return {"image_grid_thw": np.concatenate([np.asarray(grids)] * copies),
+                "image_embeds": mx.concatenate([embeds] * copies),
+                "deepstack": [mx.concatenate([d] * copies) for d in deepstack]}
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None, positions=None,
-                 image_embeds: mx.array | None = None, deepstack: list[mx.array] | None = None) -> mx.array:
+                 image_embeds: mx.array | None = None, deepstack: list[mx.array] | None = None,
+                 image_grid_thw=None) -> mx.array:
         """The last decoder layer's hidden states ``(B, L, hidden)``, before the final norm (what Qwen-Image 2.1
         reads), of a batch padded on either side.
 
@@ -221,10 +236,18 @@ class Qwen3TextEncoder(nn.Module):
         positions are finite but meaningless. ``positions`` ``(3, B, L)`` are the (time, height, width) RoPE
         positions; ``None`` means ``0 .. L-1`` on every axis, as transformers has for text. With pictures, pass
         the vision tower's ``image_embeds`` (one row per ``<|image_pad|>`` token, in row-major token order), their
-        ``positions``, and its ``deepstack`` features (a list of arrays shaped like ``image_embeds``).
+        ``positions``, and its ``deepstack`` features (a list of arrays shaped like ``image_embeds``); or, in place
+        of ``positions``, the pictures' ``image_grid_thw`` (images, 3), row after row (what `see` returns).
         """
+        if positions is None and image_grid_thw is not None:
+            positions = self._positions(input_ids, attention_mask, image_grid_thw)
         x, mask, rope, slots = self._inputs(input_ids, attention_mask, positions, image_embeds, deepstack)
         return self.model.language_model(x, mask, rope, deepstack=deepstack, slots=slots)
+
+    def _positions(self, input_ids, attention_mask, grids) -> np.ndarray:
+        merge = Vision21Config.from_dict(self.config.vision_config).spatial_merge_size
+        mask = None if attention_mask is None else np.array(attention_mask)
+        return mrope_positions(np.array(input_ids), mask, grids, self.config.image_token_id, merge)
 
     def _inputs(self, input_ids, attention_mask, positions, image_embeds, deepstack):
         """(input embeddings, mask, RoPE tables or None for 1-D positions, flat indices of the image tokens)."""
@@ -268,10 +291,14 @@ class Qwen3TextEncoder(nn.Module):
     def start(self, input_ids: mx.array, pixel_values=None, image_grid_thw=None, *, positions=None,
               image_embeds=None, deepstack=None):
         """Read a prompt (batch 1): the logits of its last position, and the state `step` goes on from (a KV cache
-        per layer, and the next position when 3-D ``positions`` were given). Pictures come in as the vision
-        tower's outputs (``positions``, ``image_embeds``, ``deepstack``); ``pixel_values`` need the tower."""
+        per layer, and the next position when there are 3-D positions). Pictures come in as the processor's
+        ``pixel_values`` and ``image_grid_thw``, or as the tower's outputs (``positions``, ``image_embeds``,
+        ``deepstack``)."""
         if pixel_values is not None:
-            raise ValueError("Qwen3-VL's vision tower is not supported yet: pictures cannot be read")
+            seen = self.see(pixel_values, image_grid_thw)
+            image_embeds, deepstack = seen["image_embeds"], seen["deepstack"]
+        if positions is None and image_grid_thw is not None:
+            positions = self._positions(input_ids, None, image_grid_thw)
         x, mask, rope, slots = self._inputs(input_ids, None, positions, image_embeds, deepstack)
         caches = [KVCache() for _ in self.model.language_model.layers]
         hidden = self.model.language_model(x, mask, rope, caches, deepstack, slots)

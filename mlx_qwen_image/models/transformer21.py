@@ -216,6 +216,10 @@ class PrefixCache:
     def clear(self):
         self.kv, self.shape = [], None
 
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.kv)
+
 
 class ModulationTable21:
     """The shared modulation and the output scale for every step of a schedule; ``table[i]`` is step ``i``'s

@@ -117,6 +117,12 @@ def rotate_half(x: mx.array) -> mx.array:
     return mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
+def rope_float32(t: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate-half RoPE computed in float32 and rounded back, as transformers rotates q and k of its towers."""
+    t32 = t.astype(mx.float32)
+    return (t32 * cos + rotate_half(t32) * sin).astype(t.dtype)
+
+
 class VisionAttention(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -129,18 +135,12 @@ class VisionAttention(nn.Module):
         n, dims = x.shape
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        q, k = (self.rotate(t, layout) for t in (q, k))
+        q, k = (rope_float32(t, layout.cos, layout.sin) for t in (q, k))
         # (S, heads, Lmax, head_dim): one batch row per window or image.
         q, k, v = (t[segments.gather].transpose(0, 2, 1, 3) for t in (q, k, v))
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=segments.mask)
         out = out.transpose(0, 2, 1, 3).reshape(-1, dims)[segments.scatter]
         return self.proj(out)
-
-    @staticmethod
-    def rotate(t: mx.array, layout: Layout) -> mx.array:
-        # transformers rotates q and k in float32, then rounds back.
-        t32 = t.astype(mx.float32)
-        return (t32 * layout.cos + rotate_half(t32) * layout.sin).astype(t.dtype)
 
 
 class VisionMLP(nn.Module):
