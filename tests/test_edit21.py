@@ -125,11 +125,14 @@ def test_cli_edits_with_a_2_1_checkpoint_and_refuses_bad_pictures(tiny21_checkpo
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a picture")
+    strip = tmp_path / "strip.png"
+    picture(340, 20, 12).save(strip)
     out2 = tmp_path / "out2.png"
     for extra, message in (
         (["--image", str(paths[0])] * 11, "11 pictures given; this checkpoint (QwenImage21Pipeline) takes at most 10"),
         (["--image", str(bad)], "cannot read image"),
         (["--image", str(tmp_path / "missing.png")], "missing.png"),
+        (["--image", str(strip)], "aspect ratio beyond 16:1"),
     ):
         args = ["edit", "swap them", "--model", model, "--steps", "1", "-o", str(out2)] + extra
         result = CliRunner().invoke(cli, args)
@@ -157,3 +160,12 @@ def test_the_pictures_prefix_cache_is_estimated_before_loading(monkeypatch):
     warning = memory.too_large("Qwen/Qwen-Image-2.1", 8, 1024, 1024, False, True, variant=v21,
                                pictures=[(1024, 1024)] * 10)
     assert "of it the pictures' K/V cache" in warning and "fewer pictures" in warning
+
+
+def test_a_picture_the_processor_would_resize_is_refused(ours, monkeypatch):
+    """Each vision token stands for 2x2 of the picture's latents, so the vision tower must see the picture at the
+    size the VAE does: a processor whose pixel floor is above that size is refused, not a shape error."""
+    monkeypatch.setattr(ours.prompts.processor, "min_pixels", 256 * 256)
+    with pytest.raises(ValueError, match="picture 1 is used at 128x128, but the vision processor's pixel bounds "
+                                         "make it 256x256"):
+        ours.generate("a fox", images=[picture(100, 100, 13)], steps=1, output="np")
