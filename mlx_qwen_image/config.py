@@ -109,6 +109,13 @@ def _require(ok: bool, message: str):
         raise ConfigError(message)
 
 
+def _require_rope_axes(axes, head_dim: int):
+    """The 3-axis RoPE of the image transformers: three even spans that fill the attention head."""
+    _require(len(axes) == 3 and all(d % 2 == 0 for d in axes), f"axes_dims_rope must be three even numbers, got "
+             f"{list(axes)}")
+    _require(sum(axes) == head_dim, f"axes_dims_rope {list(axes)} must add up to attention_head_dim {head_dim}")
+
+
 @dataclasses.dataclass
 class TransformerConfig:
     patch_size: int = 2
@@ -143,11 +150,7 @@ class TransformerConfig:
     _MIN = {"axes_dims_rope": 0, "rope_theta": 1e-9}
 
     def _check(self):
-        _require(len(self.axes_dims_rope) == 3 and all(d % 2 == 0 for d in self.axes_dims_rope),
-                 f"axes_dims_rope must be three even numbers, got {list(self.axes_dims_rope)}")
-        _require(sum(self.axes_dims_rope) == self.attention_head_dim,
-                 f"axes_dims_rope {list(self.axes_dims_rope)} must add up to attention_head_dim "
-                 f"{self.attention_head_dim}")
+        _require_rope_axes(self.axes_dims_rope, self.attention_head_dim)
         _require(self.in_channels == self.patch_size**2 * self.out_channels,
                  f"in_channels {self.in_channels} must be patch_size^2 x out_channels "
                  f"({self.patch_size}^2 x {self.out_channels})")

@@ -289,6 +289,7 @@ class QwenImageTransformer(TimestepPath, nn.Module):
         img_shapes,
         modulations=None,
         cache=None,
+        controlnet_block_samples=None,
     ) -> mx.array:
         """Velocity for packed latents (B, N, 64) given text features (B, L, 3584), the text mask (B, L) or
         None, sigma (B,), and per item the (frames, H/16, W/16) of each image segment.
@@ -298,6 +299,8 @@ class QwenImageTransformer(TimestepPath, nn.Module):
         mask at every step. ``cache`` (a step cache's run, `mlx_qwen_image.cache`) takes over the block loop:
         ``cache.blocks(run, img, txt)`` gets ``run(img, txt, start, stop, rows)``, which runs blocks
         ``[start, stop)`` on those batch rows, and ``cache.attention(index, compute)`` sees every block's attention.
+        ``controlnet_block_samples`` (a ControlNet's residuals, (B or 1, N, dim) each): as diffusers, sample
+        ``i // ceil(blocks / samples)`` is added to the image stream after block ``i``.
         """
         dtype = self.dtype
         B, N, _ = hidden_states.shape
@@ -313,6 +316,8 @@ class QwenImageTransformer(TimestepPath, nn.Module):
         rope = self.rope_cache(img_shapes[0], L)
         mask = self._masks(encoder_hidden_states_mask, N)
         cond_index = _reference_tokens(img_shapes, N) if self.config.zero_cond_t else None
+        control = controlnet_block_samples
+        interval = -(-len(self.transformer_blocks) // len(control)) if control else 0
 
         def run(img, txt, start=0, stop=None, rows=None):
             keys = mask if mask is None or rows is None else mask[rows]
@@ -322,6 +327,9 @@ class QwenImageTransformer(TimestepPath, nn.Module):
                 img_mod, txt_mod = block_mods[i]
                 hook = None if attention is None else partial(attention, i)
                 img, txt = self.transformer_blocks[i](img, txt, img_mod, txt_mod, rope, keys, cond, hook)
+                if control:
+                    res = control[i // interval]
+                    img = img + (res if rows is None or res.shape[0] == 1 else res[rows]).astype(img.dtype)
             return img, txt
 
         img, txt = run(img, txt) if cache is None else cache.blocks(run, img, txt)

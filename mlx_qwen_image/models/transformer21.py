@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..config import _known_fields, _require, validate
+from ..config import _known_fields, _require_rope_axes, validate
 from .modulation import DroppedLinear, TimestepPath, get_module
 from .rope21 import Layout, apply_rope, build_layout
 
@@ -52,11 +52,7 @@ class Transformer21Config:
     _MIN = {"axes_dims_rope": 0, "eps": 1e-30}
 
     def _check(self):
-        _require(len(self.axes_dims_rope) == 3 and all(d % 2 == 0 for d in self.axes_dims_rope),
-                 f"axes_dims_rope must be three even numbers, got {list(self.axes_dims_rope)}")
-        _require(sum(self.axes_dims_rope) == self.attention_head_dim,
-                 f"axes_dims_rope {list(self.axes_dims_rope)} must add up to attention_head_dim "
-                 f"{self.attention_head_dim}")
+        _require_rope_axes(self.axes_dims_rope, self.attention_head_dim)
 
     @property
     def inner_dim(self) -> int:
