@@ -135,12 +135,18 @@ def shared_options(fn):
 @click.option("--image", "init_image", default=None, help="img2img: start from this picture.")
 @click.option("--strength", type=float, default=0.6, show_default=True,
               help="img2img: how much of the picture is redrawn, in (0, 1].")
+@click.option("--mask", default=None, metavar="FILE",
+              help="Inpainting with --image: repaint where the mask is white (or transparent, in an RGBA mask).")
+@click.option("--mask-blur", type=click.FloatRange(min=0), default=0.0,
+              help="Gaussian blur radius (px) applied to --mask first.")
 @shared_options
 @user_errors
-def generate(prompt, model, width, height, aspect, init_image, strength, steps, cfg_scale, negative_prompt, seed,
-             num_images, output, overwrite, quantize, dtype, low_memory, gguf, text_encoder_bits, loras, cache_spec,
-             enhance_prompt, parallel, connect_timeout, lightning):
-    """Generate images from PROMPT (or redraw --image, img2img)."""
+def generate(prompt, model, width, height, aspect, init_image, strength, mask, mask_blur, steps, cfg_scale,
+             negative_prompt, seed, num_images, output, overwrite, quantize, dtype, low_memory, gguf,
+             text_encoder_bits, loras, cache_spec, enhance_prompt, parallel, connect_timeout, lightning):
+    """Generate images from PROMPT (or redraw --image, img2img; with --mask, inpaint it)."""
+    if mask is not None and init_image is None:
+        raise UsageError("--mask needs --image, the picture it applies to")
     if aspect is not None and (width is not None or height is not None):
         raise UsageError("--aspect sets the size; do not combine it with --width/--height")
     for name, v in (("width", width), ("height", height)):
@@ -149,6 +155,7 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
     if init_image is not None and not 0 < strength <= 1:
         raise UsageError(f"--strength {strength}: must be in (0, 1]")
     picture = open_picture(init_image) if init_image is not None else None
+    region = open_picture(mask) if mask is not None else None
     job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory, gguf,
               text_encoder_bits, loras, lightning, cache_spec, enhance_prompt, parallel, connect_timeout)
     variant = job.check_model(edits=False)
@@ -166,8 +173,11 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
     for path, s in job.work():
         run = pipe.denoise(**job.prompt(prompt), negative_prompt=negative_prompt, width=width, height=height,
                            steps=job.steps, cfg_scale=job.cfg_scale, seed=s, image=picture,
-                           strength=strength if picture is not None else None, cache=job.cache)
+                           strength=strength if picture is not None else None, cache=job.cache, mask=region,
+                           mask_blur=mask_blur)
         extra = {"image": str(init_image), "strength": strength} if picture is not None else {}
+        if region is not None:
+            extra.update(mask=str(mask), mask_blur=mask_blur)
         job.save(run, s, path, job.metadata(run, s, prompt=prompt, **extra))
     job.done()
 
@@ -181,25 +191,38 @@ def generate(prompt, model, width, height, aspect, init_image, strength, steps, 
 @click.option("--width", type=int, default=None, help="Output width. [default: last picture's aspect, ~1024x1024]")
 @click.option("--height", type=int, default=None,
               help="Output height (multiple of 16). [default: the last picture's aspect, ~1024x1024]")
+@click.option("--mask", default=None, metavar="FILE",
+              help="Inpaint the last picture: repaint where the mask is white (or transparent, in an RGBA mask).")
+@click.option("--mask-blur", type=click.FloatRange(min=0), default=0.0,
+              help="Gaussian blur radius (px) applied to --mask first.")
+@click.option("--strength", type=float, default=None,
+              help="With --mask: how much of the masked region is redrawn, in (0, 1]. [default: 0.6]")
 @shared_options
 @user_errors
-def edit(prompt, images, model, width, height, steps, cfg_scale, negative_prompt, seed, num_images, output,
-         overwrite, quantize, dtype, low_memory, gguf, text_encoder_bits, loras, cache_spec, enhance_prompt, parallel,
-         connect_timeout, lightning):
+def edit(prompt, images, model, width, height, mask, mask_blur, strength, steps, cfg_scale, negative_prompt, seed,
+         num_images, output, overwrite, quantize, dtype, low_memory, gguf, text_encoder_bits, loras, cache_spec,
+         enhance_prompt, parallel, connect_timeout, lightning):
     """Edit pictures as PROMPT says (Qwen-Image-Edit, Edit-2509, Edit-2511, Qwen-Image 2.1)."""
     for name, v in (("width", width), ("height", height)):
         if v is not None and (v < 16 or v % 16):
             raise UsageError(f"--{name} {v} is not a multiple of 16; use {nearest16(v)}")
     job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory, gguf,
               text_encoder_bits, loras, lightning, cache_spec, enhance_prompt, parallel, connect_timeout)
+    if strength is not None and mask is None:
+        raise UsageError("--strength applies with --mask (inpainting) only")
+    if strength is not None and not 0 < strength <= 1:
+        raise UsageError(f"--strength {strength}: must be in (0, 1]")
     variant = job.check_model(edits=True, pictures=len(images))
     pictures = [open_picture(p) for p in images]
+    region = open_picture(mask) if mask is not None else None
     job.check_size(variant, width, height, images=pictures)
     pipe = job.load()
     for path, s in job.work():
         run = pipe.denoise(**job.prompt(prompt), negative_prompt=negative_prompt, width=width, height=height,
-                           steps=job.steps, cfg_scale=job.cfg_scale, seed=s, images=pictures, cache=job.cache)
-        job.save(run, s, path, job.metadata(run, s, prompt=prompt, images=", ".join(images)))
+                           steps=job.steps, cfg_scale=job.cfg_scale, seed=s, images=pictures, cache=job.cache,
+                           mask=region, mask_blur=mask_blur, strength=strength)
+        extra = {"mask": str(mask), "mask_blur": mask_blur, "strength": strength or 0.6} if region is not None else {}
+        job.save(run, s, path, job.metadata(run, s, prompt=prompt, images=", ".join(images), **extra))
     job.done()
 
 

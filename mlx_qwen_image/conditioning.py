@@ -41,6 +41,8 @@ class Request:
     hooks: tuple = ()
     cache: object | None = None  # a step cache setting (`mlx_qwen_image.cache`)
     enhance: dict | None = None  # rewrite the prompts first (`enhance.rewrite` options)
+    mask: Image.Image | None = None  # inpainting: grey, white where the picture is repainted (`inpaint.mask_from`)
+    mask_blur: float = 0.0
 
     @property
     def batch(self) -> int:
@@ -81,6 +83,7 @@ class Conditioning:
     strength: float | None = None
     hooks: tuple = ()
     slots: np.ndarray | None = None  # 2.1: (L + image slots,) bool, True where image tokens sit in the sequence
+    repaint: mx.array | None = None  # inpainting: (1, N, C) packed, 1 where repainted, 0 where ``start`` is kept
 
     @property
     def cfg(self) -> bool:
@@ -154,7 +157,11 @@ def edit(pipe, req: Request, phase) -> Conditioning:
 
 
 def builder(req: Request):
-    """The builder for a request: edit pictures, an img2img picture, or text alone."""
+    """The builder for a request: edit pictures, an img2img picture, or text alone; with a mask, inpainting."""
+    if req.mask is not None:
+        from .inpaint import edit_inpaint, picture_inpaint
+
+        return edit_inpaint if req.images else picture_inpaint
     if req.images:
         return edit
     return img2img if req.image is not None else text_to_image
@@ -246,7 +253,7 @@ def _short(value) -> str:
 
 def make_request(variant: Variant, channels: int, fixed_steps: int | None, prompt, negative_prompt=None, width=None,
                  height=None, steps=None, cfg_scale=None, seed=0, latents=None, images=None, image=None,
-                 strength=None, hooks=(), cache=None, enhance_prompt=False) -> Request:
+                 strength=None, hooks=(), cache=None, enhance_prompt=False, mask=None, mask_blur=None) -> Request:
     """Check a run's arguments against the checkpoint (``variant``, the transformer's latent ``channels``, the
     scheduler's ``fixed_steps``) and resolve the defaults; every mistake is a one-line ``ValueError``."""
     prompts = check_prompts(prompt)
@@ -256,19 +263,35 @@ def make_request(variant: Variant, channels: int, fixed_steps: int | None, promp
         raise ValueError(f"this checkpoint ({variant.class_name}) edits pictures: pass images=[...] "
                          "(mlx-qwen-image edit --image FILE)")
     strength = _number("strength", strength)
-    if strength is not None and image is None:
+    if mask is not None and not variant.inpainting:
+        raise ValueError(f"inpainting (mask=) is not available for {variant.name}")
+    if mask is not None and image is None and images is None:
+        raise ValueError("mask= needs the picture it applies to: pass image= (images= on an editing checkpoint)")
+    if strength is not None and image is None and mask is None:
         raise ValueError("strength applies to img2img only: pass image= too")
     pictures = tuple(pictures_list(images, variant)) if images is not None else ()
     picture = open_image(image).convert(variant.picture_mode) if image is not None else None
-    if picture is not None:
+    if picture is not None or mask is not None:
         strength = 0.6 if strength is None else strength
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
+    mask_blur = _number("mask_blur", mask_blur) or 0.0
+    if mask_blur < 0:
+        raise ValueError(f"mask_blur must be at least 0, got {mask_blur}")
+    if mask is not None:
+        from .inpaint import mask_from
+
+        mask = mask_from(open_image(mask, name="the mask") if not isinstance(mask, Image.Image) else mask)
     width, height = _integer("width", width), _integer("height", height)
     steps = _integer("steps", steps)
     steps = (fixed_steps or variant.steps) if steps is None else steps
     cfg_scale = _number("cfg_scale", cfg_scale)
     cfg_scale = variant.cfg_scale if cfg_scale is None else cfg_scale
+    if mask is not None and pictures:  # the output is the last picture, repainted where the mask says
+        size = fit_area(*pictures[-1].size, variant.reference_area)
+        if (width, height) not in ((None, None), size):
+            raise ValueError(f"with a mask the output is the last picture at its own size, {size[0]}x{size[1]}; "
+                             "leave out width and height")
     width, height = output_size(variant, width, height, picture, pictures)
     check_request(width, height, steps, cfg_scale, variant.size_multiple)
     negatives = None
@@ -305,4 +328,4 @@ def make_request(variant: Variant, channels: int, fixed_steps: int | None, promp
     if enhance_prompt is not False and enhance is None:
         enhance = {}
     return Request(tuple(prompts), tuple(negatives) if negatives else None, width, height, steps, cfg_scale, seed,
-                   latents, pictures, picture, strength, tuple(hooks), cache, enhance)
+                   latents, pictures, picture, strength, tuple(hooks), cache, enhance, mask, mask_blur)

@@ -314,7 +314,7 @@ class QwenImagePipeline:
 
     def denoise(self, prompt, negative_prompt=None, width=None, height=None, steps=None, cfg_scale=None, seed=0,
                 latents=None, images=None, image=None, strength=None, low_memory=None, hooks=(), cache=None,
-                enhance_prompt=False) -> Run:
+                enhance_prompt=False, mask=None, mask_blur=None) -> Run:
         """A `Run` of ``generate``'s request: iterate it for the evaluated latents after each step, then
         ``run.complete()`` decodes. Everything about the request is checked here, before any work."""
         fixed = self.scheduler.fixed_steps or (len(self.sample_sigmas) if self.sample_sigmas else None)
@@ -322,7 +322,7 @@ class QwenImagePipeline:
                                prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                                steps=steps, cfg_scale=cfg_scale, seed=seed, latents=latents, images=images,
                                image=image, strength=strength, hooks=hooks, cache=cache,
-                               enhance_prompt=enhance_prompt)
+                               enhance_prompt=enhance_prompt, mask=mask, mask_blur=mask_blur)
         config = self.transformer.config
         message = memory.refuse_size(request.width, request.height, request.cfg_scale > 1, config.inner_dim,
                                      config.num_attention_heads)
@@ -347,7 +347,7 @@ class QwenImagePipeline:
 
     def generate(self, prompt, negative_prompt=None, width=None, height=None, steps=None, cfg_scale=None, seed=0,
                  latents=None, output="pil", images=None, image=None, strength=None, low_memory=None, hooks=(),
-                 cache=None, enhance_prompt=False, progress=None):
+                 cache=None, enhance_prompt=False, progress=None, mask=None, mask_blur=None):
         """Images for ``prompt`` (a string: one image; a list: one per prompt, seeds ``seed``, ``seed + 1`` ...).
 
         ``images=[...]``: the pictures an editing checkpoint edits. ``image=`` with ``strength=`` (default 0.6):
@@ -355,13 +355,15 @@ class QwenImagePipeline:
         (last) picture's aspect at about 1024x1024 when there is one). ``progress(done, total)`` is called after
         each step. ``cache``: a step cache (`mlx_qwen_image.cache`). ``enhance_prompt``: rewrite the prompt first with
         the text encoder run as a chat model (True, or a dict of `enhance.rewrite` options; the rewrite is in the
-        run's ``stats["enhance"]``). What a checkpoint cannot do is refused with a ``ValueError`` saying what it
-        can do.
+        run's ``stats["enhance"]``). ``mask=`` (a picture or a path: white, or transparent in an RGBA mask, where
+        the picture is repainted; ``mask_blur`` a Gaussian radius) with ``image=`` or ``images=``: inpainting, the
+        rest of the picture kept (`inpaint`). What a checkpoint cannot do is refused with a ``ValueError`` saying
+        what it can do.
         """
         if output not in ("pil", "np"):
             raise ValueError(f"output must be 'pil' or 'np', got {output!r}")
         run = self.denoise(prompt, negative_prompt, width, height, steps, cfg_scale, seed, latents, images, image,
-                           strength, low_memory, hooks, cache, enhance_prompt)
+                           strength, low_memory, hooks, cache, enhance_prompt, mask, mask_blur)
         pictures = run.complete(output, progress)
         return pictures[0] if isinstance(prompt, str) else pictures
 
@@ -388,7 +390,7 @@ class QwenImagePipeline:
             cond = run.conditioning or builder(req)(self, req, phase)
             run.tell("denoise")
             start = _phase_start()
-            x = self._noise(req, cond.image_tokens)
+            x = noise = self._noise(req, cond.image_tokens)
             if cond.start is not None:
                 x = self.scheduler.add_noise(cond.start, x, schedule)
             model, batch = self.transformer, cond.batch
@@ -406,6 +408,10 @@ class QwenImagePipeline:
             branches = 2 if cond.cfg and branch is None else 1
             cache = None if req.cache is None else req.cache.start(schedule.steps, batch, branches)
             hooks = ((cache,) if cache is not None else ()) + tuple(cond.hooks)
+            if cond.repaint is not None:  # inpainting: the kept region is the picture's, noised to each next sigma
+                from .inpaint import Blend
+
+                hooks += (Blend(cond.start, noise, cond.repaint),)
             try:
                 for i in range(schedule.steps):
                     t0 = time.perf_counter()

@@ -76,16 +76,20 @@ def create_app(service: Service) -> FastAPI:
         form = await request.form()
         body = {k: v for k, v in form.items() if isinstance(v, str)}
         uploads = [v for k, v in form.multi_items() if k in ("image", "image[]") and not isinstance(v, str)]
-        if "mask" in form:
-            raise ApiError(400, "mask is not supported yet (inpainting is planned); send the image alone",
-                           param="mask", code="unsupported")
         if not uploads:
             raise ApiError(400, "image is required: one or more image files (image or image[])", param="image")
         pictures = [read_picture(await u.read(), u.filename or "image") for u in uploads]
+        mask = form.get("mask")
+        if isinstance(mask, str):
+            raise ApiError(400, "mask must be an image file (PNG: transparent where the image is edited)",
+                           param="mask", code="invalid_image")
         body["stream"] = body.get("stream", "false").lower() == "true"
         width, height = _size(body)
         args, seed, n, output_format = job_args(body, width, height)
         _pictures_into(service, args, pictures, _field(body, "strength", float))
+        if mask is not None:  # OpenAI's convention: the fully transparent pixels are edited
+            args["mask"] = read_picture(await mask.read(), mask.filename or "mask")
+            args["mask_blur"] = _field(body, "mask_blur", float)
         return await _answer(request, body, args, seed, n, output_format)
 
     @app.get("/v1/jobs/{job_id}")
@@ -165,6 +169,11 @@ def create_app(service: Service) -> FastAPI:
         args, seed, n, output_format = job_args(body, width, height)
         if pictures:
             _pictures_into(service, args, pictures, _field(body, "denoising_strength", float))
+        if pictures and body.get("mask"):  # A1111 inpainting: white repaints, blurred by mask_blur (default 4)
+            mask = read_picture(_b64(body["mask"], "mask"), "mask").convert("L")
+            if body.get("inpainting_mask_invert") in (1, True, "1", "true"):
+                mask = mask.point(lambda v: 255 - v)
+            args["mask"], args["mask_blur"] = mask, _field(body, "mask_blur", float, default=4.0)
         job = service.submit(Job(checked(service, args), seed, n, "png", _metadata(service, args)))
         await _wait(request, job)
         seeds = [seed + i for i in range(n)]

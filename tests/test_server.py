@@ -132,6 +132,36 @@ def test_edits_on_a_text_to_image_checkpoint_are_img2img(server, tmp_path):
     np.testing.assert_array_equal(served, np.asarray(expected))
 
 
+def test_edits_with_a_mask_inpaint_where_the_mask_is_transparent(server, tmp_path):
+    picture, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(picture)
+    alpha = np.full((48, 64), 255, np.uint8)
+    alpha[8:30, 10:40] = 0  # OpenAI's convention: transparent = edit here
+    Image.fromarray(np.dstack([np.zeros((48, 64, 3), np.uint8), alpha]), "RGBA").save(mask)
+    with open(picture, "rb") as f, open(mask, "rb") as m:
+        response = client(server).images.edit(image=f, mask=m, prompt="a door", size="64x48",
+                                              extra_body={"seed": 3, "steps": 3, "strength": 1.0})
+    served = _pixels(base64.b64decode(response.data[0].b64_json))
+    white = Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8))  # the same region, as a white mask
+    expected = server.service.pipe.generate("a door", image=str(picture), mask=white, strength=1.0, width=64,
+                                            height=48, steps=3, seed=3)
+    np.testing.assert_array_equal(served, np.asarray(expected))
+    unmasked = server.service.pipe.generate("a door", image=str(picture), strength=1.0, width=64, height=48,
+                                            steps=3, seed=3)
+    assert not np.array_equal(served, np.asarray(unmasked))
+    # A1111 img2img: a white-on-black mask, blurred by mask_blur
+    encoded = base64.b64encode(picture.read_bytes()).decode()
+    white.save(tmp_path / "white.png")
+    status, body = http("POST", f"{server.url}/sdapi/v1/img2img",
+                        {"prompt": "a door", "init_images": [encoded], "seed": 3, "steps": 3, "width": 64,
+                         "height": 48, "denoising_strength": 1.0, "mask_blur": 2,
+                         "mask": base64.b64encode((tmp_path / "white.png").read_bytes()).decode()})
+    assert status == 200, body
+    expected = server.service.pipe.generate("a door", image=str(picture), mask=white, mask_blur=2, strength=1.0,
+                                            width=64, height=48, steps=3, seed=3)
+    np.testing.assert_array_equal(_pixels(base64.b64decode(body["images"][0])), np.asarray(expected))
+
+
 def test_a1111_routes(server):
     status, body = http("POST", f"{server.url}/sdapi/v1/txt2img",
                         {"prompt": "a red kite", "seed": 9, "steps": 2, "cfg_scale": 2, "width": 32, "height": 32,
