@@ -106,7 +106,7 @@ class Job:
 
     def __init__(self, model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory,
                  gguf, text_encoder_bits, loras, lightning, cache_spec=None, enhance_prompt=False, parallel=None,
-                 connect_timeout=60.0):
+                 connect_timeout=60.0, controlnets=()):
         if lightning:
             steps = int(lightning) if steps is None else steps
             cfg_scale = 1.0 if cfg_scale is None else cfg_scale
@@ -152,6 +152,7 @@ class Job:
             raise UsageError(f"{self.calibration_file} already exists; choose another file or pass --overwrite")
         self.passes = self.computed = 0
         self.enhance, self.enhanced, self.enhance_rate = enhance_prompt, None, None
+        self.controlnets = list(controlnets)  # paths; each one condition
         self.start = time.perf_counter()
         self.peak = 0
 
@@ -224,7 +225,8 @@ class Job:
             self.model, quantize=self.quantize, dtype=self.dtype, loras=self.loras,
             text_encoder_bits=self.text_encoder_bits, low_memory=self.low_memory, gguf=self.gguf,
             scheduler_config=LIGHTNING_SCHEDULER_CONFIG if self.lightning else None,
-            group=self.group if split else None, parallel=self.parallel if split else None)
+            group=self.group if split else None, parallel=self.parallel if split else None,
+            controlnets=self.controlnets)
         self.quantization = pipe.quantization
         if self.lightning and not self.loras and not _baked_lightning(pipe.root):
             say("note: --lightning sets the Lightning schedule, which expects the Lightning LoRA (--lora "

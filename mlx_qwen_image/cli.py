@@ -139,13 +139,33 @@ def shared_options(fn):
               help="Inpainting with --image: repaint where the mask is white (or transparent, in an RGBA mask).")
 @click.option("--mask-blur", type=click.FloatRange(min=0), default=0.0,
               help="Gaussian blur radius (px) applied to --mask first.")
+@click.option("--controlnet", "controlnets", multiple=True, metavar="PATH[:SCALE]",
+              help="A ControlNet folder or Hub repo id with its conditioning scale (repeatable: one per "
+                   "--control-image; repeat one net for several conditions on the Union model).")
+@click.option("--control-image", "control_images", multiple=True, metavar="FILE",
+              help="The control picture (pose, depth, canny, soft edges) of each --controlnet, in order.")
+@click.option("--control-start", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fraction of the steps after which the ControlNets start to guide.")
+@click.option("--control-end", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="Fraction of the steps after which they stop.")
 @shared_options
 @user_errors
-def generate(prompt, model, width, height, aspect, init_image, strength, mask, mask_blur, steps, cfg_scale,
-             negative_prompt, seed, num_images, output, overwrite, quantize, dtype, low_memory, gguf,
-             text_encoder_bits, loras, cache_spec, enhance_prompt, parallel, connect_timeout, lightning):
-    """Generate images from PROMPT (or redraw --image, img2img; with --mask, inpaint it)."""
-    if mask is not None and init_image is None:
+def generate(prompt, model, width, height, aspect, init_image, strength, mask, mask_blur, controlnets,
+             control_images, control_start, control_end, steps, cfg_scale, negative_prompt, seed, num_images,
+             output, overwrite, quantize, dtype, low_memory, gguf, text_encoder_bits, loras, cache_spec,
+             enhance_prompt, parallel, connect_timeout, lightning):
+    """Generate images from PROMPT (or redraw --image, img2img; with --mask, inpaint it; with --controlnet,
+    guided by control pictures)."""
+    if controlnets and not control_images:
+        raise UsageError("--controlnet needs --control-image (one per --controlnet)")
+    if control_images and not controlnets:
+        raise UsageError("--control-image needs --controlnet, the ControlNet that reads it")
+    if controlnets and len(controlnets) != len(control_images):
+        raise UsageError(f"{len(controlnets)} --controlnet for {len(control_images)} --control-image: give one each")
+    from .lora import parse_lora_arg
+
+    nets = [parse_lora_arg(text, "--controlnet") for text in controlnets]
+    if mask is not None and init_image is None and not controlnets:
         raise UsageError("--mask needs --image, the picture it applies to")
     if aspect is not None and (width is not None or height is not None):
         raise UsageError("--aspect sets the size; do not combine it with --width/--height")
@@ -156,8 +176,10 @@ def generate(prompt, model, width, height, aspect, init_image, strength, mask, m
         raise UsageError(f"--strength {strength}: must be in (0, 1]")
     picture = open_picture(init_image) if init_image is not None else None
     region = open_picture(mask) if mask is not None else None
+    controls = [open_picture(p) for p in control_images]
     job = Job(model, steps, cfg_scale, seed, num_images, output, overwrite, quantize, dtype, low_memory, gguf,
-              text_encoder_bits, loras, lightning, cache_spec, enhance_prompt, parallel, connect_timeout)
+              text_encoder_bits, loras, lightning, cache_spec, enhance_prompt, parallel, connect_timeout,
+              controlnets=[path for path, _ in nets])
     variant = job.check_model(edits=False)
     if picture is not None and not variant.img2img:
         raise UsageError(f"{variant.name} does not redraw a picture (img2img); to edit it, use `mlx-qwen-image edit "
@@ -174,10 +196,15 @@ def generate(prompt, model, width, height, aspect, init_image, strength, mask, m
         run = pipe.denoise(**job.prompt(prompt), negative_prompt=negative_prompt, width=width, height=height,
                            steps=job.steps, cfg_scale=job.cfg_scale, seed=s, image=picture,
                            strength=strength if picture is not None else None, cache=job.cache, mask=region,
-                           mask_blur=mask_blur)
+                           mask_blur=mask_blur, control_images=controls or None,
+                           control_scale=[scale for _, scale in nets] or None, control_start=control_start,
+                           control_end=control_end)
         extra = {"image": str(init_image), "strength": strength} if picture is not None else {}
         if region is not None:
             extra.update(mask=str(mask), mask_blur=mask_blur)
+        if nets:
+            extra.update(controlnets=", ".join(f"{p}:{c:g}" for p, c in nets), control_images=", ".join(control_images),
+                         control_window=f"{control_start:g}-{control_end:g}")
         job.save(run, s, path, job.metadata(run, s, prompt=prompt, **extra))
     job.done()
 

@@ -43,6 +43,7 @@ class Request:
     enhance: dict | None = None  # rewrite the prompts first (`enhance.rewrite` options)
     mask: Image.Image | None = None  # inpainting: grey, white where the picture is repainted (`inpaint.mask_from`)
     mask_blur: float = 0.0
+    control: object | None = None  # `control.ControlRequest`
 
     @property
     def batch(self) -> int:
@@ -84,6 +85,7 @@ class Conditioning:
     hooks: tuple = ()
     slots: np.ndarray | None = None  # 2.1: (L + image slots,) bool, True where image tokens sit in the sequence
     repaint: mx.array | None = None  # inpainting: (1, N, C) packed, 1 where repainted, 0 where ``start`` is kept
+    control: list | None = None  # ControlNet: the packed control latents of each condition (`control`)
 
     @property
     def cfg(self) -> bool:
@@ -158,7 +160,7 @@ def edit(pipe, req: Request, phase) -> Conditioning:
 
 def builder(req: Request):
     """The builder for a request: edit pictures, an img2img picture, or text alone; with a mask, inpainting."""
-    if req.mask is not None:
+    if req.mask is not None and (req.images or req.image is not None):
         from .inpaint import edit_inpaint, picture_inpaint
 
         return edit_inpaint if req.images else picture_inpaint
@@ -253,7 +255,9 @@ def _short(value) -> str:
 
 def make_request(variant: Variant, channels: int, fixed_steps: int | None, prompt, negative_prompt=None, width=None,
                  height=None, steps=None, cfg_scale=None, seed=0, latents=None, images=None, image=None,
-                 strength=None, hooks=(), cache=None, enhance_prompt=False, mask=None, mask_blur=None) -> Request:
+                 strength=None, hooks=(), cache=None, enhance_prompt=False, mask=None, mask_blur=None,
+                 controlnet=None, control_images=None, control_scale=None, control_start=None,
+                 control_end=None) -> Request:
     """Check a run's arguments against the checkpoint (``variant``, the transformer's latent ``channels``, the
     scheduler's ``fixed_steps``) and resolve the defaults; every mistake is a one-line ``ValueError``."""
     prompts = check_prompts(prompt)
@@ -265,13 +269,21 @@ def make_request(variant: Variant, channels: int, fixed_steps: int | None, promp
     strength = _number("strength", strength)
     if mask is not None and not variant.inpainting:
         raise ValueError(f"inpainting (mask=) is not available for {variant.name}")
-    if mask is not None and image is None and images is None:
+    from .control import check_control, inpainting
+
+    control = check_control(controlnet, control_images, control_scale, control_start, control_end)
+    if control is not None and images is not None:
+        raise ValueError("ControlNets guide text-to-image (and img2img) runs, not edits with images=[...]")
+    if inpainting(controlnet) and (mask is None or image is not None or images is not None):
+        raise ValueError("the inpainting ControlNet repaints its control picture: pass control_images=[picture] "
+                         "and mask=, without image= or images=")
+    if mask is not None and image is None and images is None and not inpainting(controlnet):
         raise ValueError("mask= needs the picture it applies to: pass image= (images= on an editing checkpoint)")
-    if strength is not None and image is None and mask is None:
+    if strength is not None and image is None and (mask is None or images is None):
         raise ValueError("strength applies to img2img only: pass image= too")
     pictures = tuple(pictures_list(images, variant)) if images is not None else ()
     picture = open_image(image).convert(variant.picture_mode) if image is not None else None
-    if picture is not None or mask is not None:
+    if picture is not None or (mask is not None and pictures):  # img2img, or inpainting a picture
         strength = 0.6 if strength is None else strength
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
@@ -328,4 +340,4 @@ def make_request(variant: Variant, channels: int, fixed_steps: int | None, promp
     if enhance_prompt is not False and enhance is None:
         enhance = {}
     return Request(tuple(prompts), tuple(negatives) if negatives else None, width, height, steps, cfg_scale, seed,
-                   latents, pictures, picture, strength, tuple(hooks), cache, enhance, mask, mask_blur)
+                   latents, pictures, picture, strength, tuple(hooks), cache, enhance, mask, mask_blur, control)

@@ -43,12 +43,13 @@ def is_repo_id(name: str | Path) -> bool:
     return bool(_REPO_ID.match(str(name))) and not Path(name).expanduser().exists()
 
 
-def download(repo_id: str, components=None, config_only=()) -> Path:
+def download(repo_id: str, components=None, config_only=(), patterns=None) -> Path:
     """The Hub snapshot of ``repo_id`` holding ``model_index.json`` and, for each of ``components``, only the
-    files a pipeline reads (configs, safetensors, tokenizer files); of ``config_only`` components, the config."""
+    files a pipeline reads (configs, safetensors, tokenizer files); of ``config_only`` components, the config.
+    ``patterns``: exactly these files instead (a single-model repo such as a ControlNet's)."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json"]
+    patterns = list(patterns) if patterns is not None else ["model_index.json"]
     for c in components or ():
         patterns += [f"{c}/*.json"] if c in config_only else [f"{c}/*.json", f"{c}/*.safetensors", f"{c}/*.txt"]
     try:

@@ -361,17 +361,17 @@ def apply_lora(model: nn.Module, loras) -> int:
     return len(per_path)
 
 
-def parse_lora_arg(text: str) -> tuple[str, float]:
-    """``PATH[:SCALE]`` as the CLI takes it; a path that itself contains ':' works when no scale follows (an existing
-    file named so). A scale that is not a finite number is refused."""
+def parse_lora_arg(text: str, option: str = "--lora") -> tuple[str, float]:
+    """``PATH[:SCALE]`` as the CLI takes it (``--lora``, ``--controlnet``); a path that itself contains ':' works
+    when no scale follows (an existing file named so). A scale that is not a finite number is refused."""
     path, sep, tail = text.rpartition(":")
     if not sep or Path(text).expanduser().exists():
         return text, 1.0
     try:
         scale = float(tail)
     except ValueError:
-        raise ValueError(f"--lora {text}: the scale {tail!r} is not a number (PATH[:SCALE], e.g. "
+        raise ValueError(f"{option} {text}: the scale {tail!r} is not a number (PATH[:SCALE], e.g. "
                          "style.safetensors:0.8)") from None
     if not math.isfinite(scale):
-        raise ValueError(f"--lora {text}: the scale must be a finite number, got {tail}")
+        raise ValueError(f"{option} {text}: the scale must be a finite number, got {tail}")
     return path, scale

@@ -154,6 +154,7 @@ class QwenImagePipeline:
         self.root: Path | None = None  # the checkpoint folder, when loaded from one
         self.sample_sigmas: tuple[float, ...] | None = None  # the checkpoint's own sampling grid (2.1-Turbo)
         self.group, self.parallel = None, None  # an mx.distributed group and how runs split over it
+        self.controlnet = None  # `models.controlnet.QwenImageMultiControlNet`, from from_pretrained(controlnets=)
 
     # The text side lives in `prompts`; these are its parts under the names diffusers users know.
     text_encoder = property(lambda self: self.prompts.text_encoder,
@@ -174,8 +175,8 @@ class QwenImagePipeline:
     def from_pretrained(cls, path_or_repo_id: str | Path = DEFAULT_MODEL, quantize: int | None = None,
                         dtype="bfloat16", loras=(), text_encoder_bits: int | None = None,
                         scheduler_config: dict | None = None, low_memory: bool = False,
-                        gguf: str | Path | None = None, group=None, parallel: str | None = None
-                        ) -> "QwenImagePipeline":
+                        gguf: str | Path | None = None, group=None, parallel: str | None = None,
+                        controlnets=()) -> "QwenImagePipeline":
         """Load any supported checkpoint (a local diffusers-layout folder or a Hub repo id); weights load lazily.
 
         ``loras``: (path, scale) pairs, fused into the float weights before ``quantize`` applies (on an already
@@ -184,7 +185,9 @@ class QwenImagePipeline:
         ``scheduler.LIGHTNING_SCHEDULER_CONFIG``). ``low_memory``: the default memory policy of runs. ``gguf``: a
         GGUF file the transformer's weights come from (everything else comes from the checkpoint folder).
         ``group`` (`distributed.connect()`) and ``parallel`` ("cfg", "tensor" or "data"): how runs split over the
-        ranks of several Macs (`distributed`); "tensor" shards the transformer as it loads.
+        ranks of several Macs (`distributed`); "tensor" shards the transformer as it loads. ``controlnets``:
+        ControlNet folders or Hub repo ids (one per condition; the same one repeated for several conditions on the
+        Union model), quantized as the transformer under ``quantize`` (`control`).
         """
         if quantize not in (None, 4, 8):
             raise ValueError(f"quantize must be None, 4 or 8, got {quantize!r}")
@@ -204,6 +207,14 @@ class QwenImagePipeline:
                             None if gguf is None else Path(gguf).expanduser(), group if parallel == "tensor" else None)
         pipe.low_memory = low_memory
         pipe.group, pipe.parallel = group, parallel
+        if controlnets:
+            if not variant.controlnet:
+                raise ValueError(f"ControlNets are not available for {variant.name}")
+            if group is not None:
+                raise ValueError("ControlNets do not run split over several Macs yet; run on one")
+            from .control import load_controlnets
+
+            pipe.controlnet = runtime.call(load_controlnets, list(controlnets), dt, quantize, pipe.transformer)
         return pipe
 
     @classmethod
@@ -314,7 +325,8 @@ class QwenImagePipeline:
 
     def denoise(self, prompt, negative_prompt=None, width=None, height=None, steps=None, cfg_scale=None, seed=0,
                 latents=None, images=None, image=None, strength=None, low_memory=None, hooks=(), cache=None,
-                enhance_prompt=False, mask=None, mask_blur=None) -> Run:
+                enhance_prompt=False, mask=None, mask_blur=None, control_images=None, control_scale=None,
+                control_start=None, control_end=None) -> Run:
         """A `Run` of ``generate``'s request: iterate it for the evaluated latents after each step, then
         ``run.complete()`` decodes. Everything about the request is checked here, before any work."""
         fixed = self.scheduler.fixed_steps or (len(self.sample_sigmas) if self.sample_sigmas else None)
@@ -322,7 +334,9 @@ class QwenImagePipeline:
                                prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                                steps=steps, cfg_scale=cfg_scale, seed=seed, latents=latents, images=images,
                                image=image, strength=strength, hooks=hooks, cache=cache,
-                               enhance_prompt=enhance_prompt, mask=mask, mask_blur=mask_blur)
+                               enhance_prompt=enhance_prompt, mask=mask, mask_blur=mask_blur,
+                               controlnet=self.controlnet, control_images=control_images, control_scale=control_scale,
+                               control_start=control_start, control_end=control_end)
         config = self.transformer.config
         message = memory.refuse_size(request.width, request.height, request.cfg_scale > 1, config.inner_dim,
                                      config.num_attention_heads)
@@ -347,7 +361,8 @@ class QwenImagePipeline:
 
     def generate(self, prompt, negative_prompt=None, width=None, height=None, steps=None, cfg_scale=None, seed=0,
                  latents=None, output="pil", images=None, image=None, strength=None, low_memory=None, hooks=(),
-                 cache=None, enhance_prompt=False, progress=None, mask=None, mask_blur=None):
+                 cache=None, enhance_prompt=False, progress=None, mask=None, mask_blur=None, control_images=None,
+                 control_scale=None, control_start=None, control_end=None):
         """Images for ``prompt`` (a string: one image; a list: one per prompt, seeds ``seed``, ``seed + 1`` ...).
 
         ``images=[...]``: the pictures an editing checkpoint edits. ``image=`` with ``strength=`` (default 0.6):
@@ -357,13 +372,16 @@ class QwenImagePipeline:
         the text encoder run as a chat model (True, or a dict of `enhance.rewrite` options; the rewrite is in the
         run's ``stats["enhance"]``). ``mask=`` (a picture or a path: white, or transparent in an RGBA mask, where
         the picture is repainted; ``mask_blur`` a Gaussian radius) with ``image=`` or ``images=``: inpainting, the
-        rest of the picture kept (`inpaint`). What a checkpoint cannot do is refused with a ``ValueError`` saying
-        what it can do.
+        rest of the picture kept (`inpaint`). ``control_images`` (one per condition) with ``control_scale``,
+        ``control_start``, ``control_end`` (numbers, or one per condition): the ControlNets of `from_pretrained`
+        (`control`; with the inpainting ControlNet, ``mask=`` marks what its picture repaints). What a checkpoint
+        cannot do is refused with a ``ValueError`` saying what it can do.
         """
         if output not in ("pil", "np"):
             raise ValueError(f"output must be 'pil' or 'np', got {output!r}")
         run = self.denoise(prompt, negative_prompt, width, height, steps, cfg_scale, seed, latents, images, image,
-                           strength, low_memory, hooks, cache, enhance_prompt, mask, mask_blur)
+                           strength, low_memory, hooks, cache, enhance_prompt, mask, mask_blur, control_images,
+                           control_scale, control_start, control_end)
         pictures = run.complete(output, progress)
         return pictures[0] if isinstance(prompt, str) else pictures
 
@@ -388,6 +406,12 @@ class QwenImagePipeline:
             if req.enhance is not None and run.conditioning is None:
                 req = self._enhance(req, phase, stats)
             cond = run.conditioning or builder(req)(self, req, phase)
+            if req.control is not None and cond.control is None:
+                from .control import control_latents
+
+                with phase("control_encode"):
+                    cond.control = control_latents(self, req)
+                    mx.eval(cond.control)
             run.tell("denoise")
             start = _phase_start()
             x = noise = self._noise(req, cond.image_tokens)
@@ -404,6 +428,11 @@ class QwenImagePipeline:
                 reference = mx.broadcast_to(cond.reference.astype(model.dtype), (batch, *cond.reference.shape[1:]))
             img_shapes, step_seconds = [cond.segments] * rows, []
             inputs = self._model_inputs(model, cond)
+            residuals = None
+            if cond.control is not None:
+                from .control import Residuals
+
+                residuals = Residuals(self.controlnet, req.control, cond.control, schedule.timesteps, schedule.steps)
             branch = self._branch(cond)
             branches = 2 if cond.cfg and branch is None else 1
             cache = None if req.cache is None else req.cache.start(schedule.steps, batch, branches)
@@ -415,8 +444,12 @@ class QwenImagePipeline:
             try:
                 for i in range(schedule.steps):
                     t0 = time.perf_counter()
+                    step_inputs = inputs
+                    if residuals is not None:  # the same residuals for the conditional and unconditional rows
+                        samples = residuals(i, x, cond.embeds, cond.mask, schedule.timesteps[i], img_shapes, rows)
+                        step_inputs = inputs if samples is None else {**inputs, "controlnet_block_samples": samples}
                     compute = partial(self._velocity, model, x, cond, reference, img_shapes, table[i],
-                                      schedule.timesteps[i], rows, cache, branch, inputs)
+                                      schedule.timesteps[i], rows, cache, branch, step_inputs)
                     for hook in reversed(hooks):
                         compute = partial(hook.predict, i, float(schedule.sigmas[i]), compute)
                     x = self.scheduler.step(x, compute(), schedule, i)

@@ -31,13 +31,14 @@ RECIPE = {"img_in": None, "io": None, "time": None, "mod": 8, "first": 8, "last"
 def transformer_group(path: str, num_blocks: int) -> str:
     """The recipe group of a transformer linear layer.
 
-    ``img_in`` (64 inputs), ``io`` (``txt_in`` and 2.1's ``txt_in.*`` MLP, ``norm_out.linear``, ``proj_out``),
+    ``img_in`` (64 inputs), ``io`` (``txt_in`` and 2.1's ``txt_in.*`` MLP, ``norm_out.linear``, ``proj_out``, a
+    ControlNet's ``controlnet_x_embedder`` and ``controlnet_blocks.*``, which write its residuals),
     ``time`` (the timestep embedder), ``mod`` (every block's ``img_mod``/``txt_mod``; 2.1's shared ``modulation.1``),
     ``first`` and ``last`` (the other layers of the first and last block), ``body`` (everything else).
     """
     if path == "img_in":
         return "img_in"
-    if path in ("txt_in", "proj_out", "norm_out.linear") or path.startswith("txt_in."):
+    if path in ("txt_in", "proj_out", "norm_out.linear") or path.startswith(("txt_in.", "controlnet_")):
         return "io"
     if path.startswith("time_text_embed."):
         return "time"

@@ -101,6 +101,7 @@ class Variant:
     kv_bytes_per_token: int = 0  # the prefix K/V cache per prefix token and CFG row in bf16 (2.1: 32 x 2 x 4096 x 2)
     lightning: bool = True  # the Lightning LoRAs' schedule (--lightning) is made for this transformer
     inpainting: bool = True  # mask= (the blend of `inpaint`, for the 8x VAE's packed latents)
+    controlnet: bool = True  # Qwen-Image ControlNets feed its transformer (`control`)
     image_slots: bool = False  # 2.1: the image's tokens fill slots of the text sequence (`Conditioning.slots`)
     aspects: tuple[tuple[str, int, int], ...] = QWEN_IMAGE_ASPECTS  # (name, width, height) presets
 
@@ -171,7 +172,8 @@ VARIANTS: dict[str, Variant] = {
                 transformer_params=7_115_124_736, text_encoder_params=7_568_405_504,
                 download_bytes=31_600_000_000, family="qwen-image-2.1", size_multiple=32, cfg_rescale=False,
                 blank_prompt=" ", tokenizer_folders=("processor", "tokenizer"), references_first=True,
-                step_caches=False, tensor_parallel=False, lightning=False, inpainting=False, image_slots=True,
+                step_caches=False, tensor_parallel=False, lightning=False, inpainting=False, controlnet=False,
+                image_slots=True,
                 aspects=QWEN21_ASPECTS),
     )
 }

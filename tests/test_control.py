@@ -1,0 +1,148 @@
+"""ControlNet runs against diffusers' QwenImageControlNetPipeline (one ControlNet, the Multi model with two
+conditions) and QwenImageControlNetInpaintPipeline, on tiny random checkpoints from the same noise; loading,
+the CLI and refusals."""
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TINY_TRANSFORMER, randomize_, rel_err
+from PIL import Image, ImageDraw
+
+from mlx_qwen_image import QwenImagePipeline
+from mlx_qwen_image.cli import cli
+
+WIDTH, HEIGHT = 96, 64
+TINY_CONTROLNET = {k: v for k, v in TINY_TRANSFORMER.items() if k != "out_channels"} | {"num_layers": 1}
+
+
+@pytest.fixture(scope="module")
+def controlnets(tmp_path_factory):
+    """(folder, diffusers model) of a tiny ControlNet and of a tiny inpainting ControlNet."""
+    from diffusers import QwenImageControlNetModel
+
+    made = {}
+    for key, extra, seed in (("plain", 0, 11), ("inpaint", 4, 12)):
+        torch.manual_seed(seed)
+        model = randomize_(QwenImageControlNetModel(**TINY_CONTROLNET, extra_condition_channels=extra), seed,
+                           std=0.15).eval()
+        folder = tmp_path_factory.mktemp(f"controlnet-{key}")
+        model.save_pretrained(folder, safe_serialization=True)
+        made[key] = (folder, model)
+    return made
+
+
+def picture(seed, width=80, height=60) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def noise(width=WIDTH, height=HEIGHT):
+    from test_pipeline import _packed
+
+    return _packed(torch.randn((1, 1, 4, height // 8, width // 8), generator=torch.Generator().manual_seed(0)).numpy())
+
+
+@pytest.fixture
+def mean_latents(monkeypatch):
+    """diffusers encodes control pictures by sampling the VAE's distribution; we (as for img2img) use its mean."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+
+
+def _reference(pipe, **kwargs):
+    with torch.no_grad():
+        return pipe(prompt="a dancer on a poster", negative_prompt=" ", true_cfg_scale=4.0, width=WIDTH,
+                    height=HEIGHT, num_inference_steps=5, latents=torch.from_numpy(noise()), output_type="np",
+                    **kwargs).images[0]
+
+
+def test_one_controlnet_equals_diffusers(tiny_checkpoint, controlnets, mean_latents):
+    from diffusers import QwenImageControlNetPipeline
+
+    folder, reference = tiny_checkpoint
+    net_folder, net = controlnets["plain"]
+    ref = QwenImageControlNetPipeline(**reference.components, controlnet=net)
+    settings = dict(controlnet_conditioning_scale=0.7, control_guidance_start=0.1, control_guidance_end=0.8)
+    expected = _reference(ref, control_image=picture(1), **settings)
+    ours = QwenImagePipeline.from_pretrained(folder, dtype="float32", controlnets=[net_folder])
+    got = ours.generate("a dancer on a poster", width=WIDTH, height=HEIGHT, steps=5, cfg_scale=4.0,
+                        latents=noise(), output="np", control_images=[picture(1)], control_scale=0.7,
+                        control_start=0.1, control_end=0.8)
+    assert rel_err(got - 0.5, expected - 0.5) < 1e-3
+    plain = QwenImagePipeline.from_pretrained(folder, dtype="float32").generate(
+        "a dancer on a poster", width=WIDTH, height=HEIGHT, steps=5, cfg_scale=4.0, latents=noise(), output="np")
+    assert rel_err(plain - 0.5, expected - 0.5) > 1e-2  # the ControlNet matters
+    # outside the whole schedule's window it does nothing
+    off = ours.generate("a dancer on a poster", width=WIDTH, height=HEIGHT, steps=5, cfg_scale=4.0, latents=noise(),
+                        output="np", control_images=[picture(1)], control_start=0.0, control_end=0.1)
+    np.testing.assert_array_equal(off, plain)
+
+
+def test_two_conditions_on_one_net_equal_diffusers_multi(tiny_checkpoint, controlnets, mean_latents):
+    from diffusers import QwenImageControlNetPipeline, QwenImageMultiControlNetModel
+
+    folder, reference = tiny_checkpoint
+    net_folder, net = controlnets["plain"]
+    ref = QwenImageControlNetPipeline(**reference.components, controlnet=QwenImageMultiControlNetModel([net]))
+    expected = _reference(ref, control_image=[picture(1), picture(2, 60, 80)],
+                          controlnet_conditioning_scale=[0.7, 0.4], control_guidance_start=[0.1, 0.0],
+                          control_guidance_end=[0.8, 1.0])
+    ours = QwenImagePipeline.from_pretrained(folder, dtype="float32", controlnets=[net_folder, net_folder])
+    assert len(ours.controlnet.nets) == 1  # one net, two conditions (the Union model's use)
+    got = ours.generate("a dancer on a poster", width=WIDTH, height=HEIGHT, steps=5, cfg_scale=4.0,
+                        latents=noise(), output="np", control_images=[picture(1), picture(2, 60, 80)],
+                        control_scale=[0.7, 0.4], control_start=[0.1, 0.0], control_end=[0.8, 1.0])
+    assert rel_err(got - 0.5, expected - 0.5) < 1e-3
+
+
+def test_inpainting_controlnet_equals_diffusers(tiny_checkpoint, controlnets, mean_latents):
+    from diffusers import QwenImageControlNetInpaintPipeline
+
+    folder, reference = tiny_checkpoint
+    net_folder, net = controlnets["inpaint"]
+    region = Image.new("L", (80, 60), 0)
+    ImageDraw.Draw(region).ellipse([20, 10, 60, 45], fill=255)
+    ref = QwenImageControlNetInpaintPipeline(**reference.components, controlnet=net)
+    expected = _reference(ref, control_image=picture(3), control_mask=region, controlnet_conditioning_scale=0.9)
+    ours = QwenImagePipeline.from_pretrained(folder, dtype="float32", controlnets=[net_folder])
+    got = ours.generate("a dancer on a poster", width=WIDTH, height=HEIGHT, steps=5, cfg_scale=4.0,
+                        latents=noise(), output="np", control_images=[picture(3)], mask=region, control_scale=0.9)
+    assert rel_err(got - 0.5, expected - 0.5) < 1e-3
+    with pytest.raises(ValueError, match="the inpainting ControlNet repaints its control picture"):
+        ours.generate("x", control_images=[picture(3)], steps=1)
+
+
+def test_refusals_and_the_cli(tiny_checkpoint, controlnets, tmp_path):
+    folder, _ = tiny_checkpoint
+    net_folder, _ = controlnets["plain"]
+    ours = QwenImagePipeline.from_pretrained(folder, dtype="float32", controlnets=[net_folder])
+    for kwargs, message in (
+        (dict(), "this pipeline has a ControlNet: pass control_images"),
+        (dict(control_images=[picture(1)], control_start=0.5, control_end=0.5), "0 <= start < end <= 1"),
+        (dict(control_images=[picture(1)], control_scale=[1.0, 2.0]), "2 values for 1 control pictures"),
+        (dict(control_images=[picture(1)], images=[picture(2)]), "ControlNets guide text-to-image"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ours.generate("x", steps=1, **kwargs)
+    with pytest.raises(ValueError, match="control_images= needs a ControlNet"):
+        QwenImagePipeline.from_pretrained(folder, dtype="float32").generate("x", control_images=[picture(1)])
+    with pytest.raises(Exception, match="not a ControlNet checkpoint"):
+        QwenImagePipeline.from_pretrained(folder, dtype="float32", controlnets=[tmp_path])
+
+    control, out = tmp_path / "pose.png", tmp_path / "out.png"
+    picture(1).save(control)
+    args = ["generate", "a dancer on a poster", "--model", str(folder), "--width", str(WIDTH), "--height",
+            str(HEIGHT), "--steps", "3", "--seed", "2", "--dtype", "float32"]
+    result = CliRunner().invoke(cli, args + ["--controlnet", f"{net_folder}:0.7", "--control-image", str(control),
+                                             "--control-end", "0.8", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = Image.open(out)
+    assert saved.text["controlnets"] == f"{net_folder}:0.7" and saved.text["control_images"] == str(control)
+    expected = ours.generate("a dancer on a poster", width=WIDTH, height=HEIGHT, steps=3, seed=2,
+                             control_images=[control], control_scale=0.7, control_end=0.8)
+    np.testing.assert_array_equal(np.asarray(saved), np.asarray(expected))
+    for extra, message in ((["--controlnet", str(net_folder)], "--controlnet needs --control-image"),
+                           (["--control-image", str(control)], "--control-image needs --controlnet")):
+        result = CliRunner().invoke(cli, args + extra + ["-o", str(tmp_path / "x.png")])
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
