@@ -75,14 +75,7 @@ def convert(source: str | Path, output: str | Path, bits: int | None = None, gro
             weights = inner(weights) if inner else weights
             cast = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
             return fuse_lora_weights(cast, loras)
-    dest = Path(output).expanduser()
-    if dest.exists() or dest.is_symlink():
-        raise CheckpointError(f"{dest} already exists; choose a new --output folder (a conversion never overwrites)")
-    parent = dest.parent if str(dest.parent) else Path(".")
-    if not parent.is_dir():
-        raise CheckpointError(f"cannot write {dest}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CheckpointError(f"cannot write {dest}: folder {parent} is not writable")
+    dest, parent = _destination(output)
     root, variant = locate(source, config_only=("transformer",) if gguf is not None else ())
     if _inside(dest, root):
         raise CheckpointError(f"--output {dest} is inside the source checkpoint {root}; write it somewhere else")
@@ -103,18 +96,9 @@ def convert(source: str | Path, output: str | Path, bits: int | None = None, gro
         job.plan_for(bits if job.name == "transformer" else text_encoder_bits if job.name == "text_encoder" else None,
                      group_size)
     need = sum(job.estimate(DTYPES[dtype].size) for job in jobs)
-    free = shutil.disk_usage(parent).free
-    if need > free:
-        raise CheckpointError(f"not enough disk space in {parent}: the conversion writes about {need / 1e9:.1f} GB, "
-                              f"{free / 1e9:.1f} GB are free")
 
-    _remove_stale_partials(parent, dest.name, log)
-    tmp = parent / f"{_PARTIAL.format(name=dest.name)}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    previous = _on_sigterm()
-    try:
-        t0 = time.perf_counter()
+    def fill(tmp: Path) -> list[dict]:
+        tmp.mkdir()
         for job in jobs:
             job.write(tmp / job.name, DTYPES[dtype], transform if job.name == "transformer" else None,
                       max_shard_bytes, log)
@@ -139,6 +123,61 @@ def convert(source: str | Path, output: str | Path, bits: int | None = None, gro
         (tmp / "README.md").write_text(card, encoding="utf-8")
         # model_index.json last: until it exists the partial folder is not a checkpoint.
         shutil.copyfile(root / "model_index.json", tmp / "model_index.json")
+        return summary
+
+    return _staged(dest, parent, need, fill, log)
+
+
+def convert_controlnet(source: str | Path, output: str | Path, bits: int | None = None, group_size: int = 64,
+                       dtype: str = "bfloat16", log: Callable[[str], None] = lambda line: None) -> list[dict]:
+    """Write the MLX form of a ControlNet (a folder or Hub repo with config.json and safetensors) into the new
+    folder ``output``: our names, ``bits`` with the transformer's recipe (its residual projections float)."""
+    from mlx_qwen_image.control import locate_controlnet
+    from mlx_qwen_image.models.controlnet import QwenImageControlNet
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    dest, parent = _destination(output)
+    root = locate_controlnet(source)
+    if _inside(dest, root):
+        raise CheckpointError(f"--output {dest} is inside the source ControlNet {root}; write it somewhere else")
+    job = Component("controlnet", QwenImageControlNet, root)
+    job.plan_for(bits, group_size)
+
+    def fill(tmp: Path) -> list[dict]:
+        job.write(tmp, DTYPES[dtype], None, MAX_SHARD_BYTES, log)
+        return [job.summary()]
+
+    return _staged(dest, parent, job.estimate(DTYPES[dtype].size), fill, log)
+
+
+def _destination(output) -> tuple[Path, Path]:
+    """The output folder, refused unless it is new and its parent writable; and that parent."""
+    dest = Path(output).expanduser()
+    if dest.exists() or dest.is_symlink():
+        raise CheckpointError(f"{dest} already exists; choose a new --output folder (a conversion never overwrites)")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot write {dest}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {dest}: folder {parent} is not writable")
+    return dest, parent
+
+
+def _staged(dest: Path, parent: Path, need: int, fill, log):
+    """``fill(tmp)`` writes the conversion into a hidden folder next to ``dest``, renamed to it when complete; an
+    error, Ctrl-C, SIGTERM or a full disk removes the partial folder."""
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise CheckpointError(f"not enough disk space in {parent}: the conversion writes about {need / 1e9:.1f} GB, "
+                              f"{free / 1e9:.1f} GB are free")
+    _remove_stale_partials(parent, dest.name, log)
+    tmp = parent / f"{_PARTIAL.format(name=dest.name)}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = _on_sigterm()
+    try:
+        t0 = time.perf_counter()
+        summary = fill(tmp)
         if dest.exists():
             raise CheckpointError(f"{dest} appeared during the conversion; the conversion is left unwritten")
         os.rename(tmp, dest)
@@ -271,7 +310,7 @@ class Component:
     def plan_for(self, bits: int | None, group_size: int):
         if not bits:
             self.plan = {}
-        elif self.name == "transformer":
+        elif self.name in ("transformer", "controlnet"):
             self.plan = transformer_plan(self.model, bits, group_size)
         elif self.name == "text_encoder":
             self.plan = text_encoder_plan(self.model, bits, group_size)

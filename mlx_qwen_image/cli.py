@@ -304,14 +304,27 @@ def enhance(prompt, model, images, max_tokens, temperature, top_p, seed, dtype, 
               help="Take the transformer from a GGUF file, quantized as the file has it; the rest from --model.")
 @click.option("--no-lm-head", is_flag=True,
               help="Leave out the text encoder's LM head (1.1 GB in bf16; --enhance-prompt needs it).")
+@click.option("--controlnet", is_flag=True,
+              help="--model is a ControlNet (config.json and safetensors): convert it, --bits with the "
+                   "transformer's recipe.")
 @user_errors
-def convert_command(source, output, bits, group_size, dtype, text_encoder_bits, loras, lightning, gguf, no_lm_head):
+def convert_command(source, output, bits, group_size, dtype, text_encoder_bits, loras, lightning, gguf, no_lm_head,
+                    controlnet):
     """Convert a checkpoint into an MLX one (float, or 4/8-bit transformer) that loads by itself."""
     from .convert import convert
-    from .convert.converter import format_summary
+    from .convert.converter import convert_controlnet, format_summary
     from .lora import parse_lora_arg
     from .scheduler import LIGHTNING_SCHEDULER_CONFIG
 
+    if controlnet:
+        if text_encoder_bits or loras or lightning or gguf or no_lm_head:
+            raise UsageError("--controlnet converts the ControlNet alone: only --bits, --group-size and --dtype "
+                             "apply")
+        summary = convert_controlnet(source, output, bits=int(bits) if bits else None, group_size=int(group_size),
+                                     dtype=dtype, log=lambda line: click.echo(line, err=True))
+        for line in format_summary(summary):
+            click.echo(line)
+        return
     summary = convert(source, output, bits=int(bits) if bits else None, group_size=int(group_size), dtype=dtype,
                       text_encoder_bits=int(text_encoder_bits) if text_encoder_bits else None,
                       log=lambda line: click.echo(line, err=True), loras=[parse_lora_arg(t) for t in loras],

@@ -146,3 +146,29 @@ def test_refusals_and_the_cli(tiny_checkpoint, controlnets, tmp_path):
                            (["--control-image", str(control)], "--control-image needs --controlnet")):
         result = CliRunner().invoke(cli, args + extra + ["-o", str(tmp_path / "x.png")])
         assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+
+
+def test_converted_controlnet_loads_and_gives_the_same_image(tiny_checkpoint, controlnets, tmp_path):
+    folder, _ = tiny_checkpoint
+    net_folder, _ = controlnets["plain"]
+    out = tmp_path / "controlnet-mlx"
+    result = CliRunner().invoke(cli, ["convert", "--controlnet", "--model", str(net_folder), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "controlnet" in result.output
+    args = dict(width=WIDTH, height=HEIGHT, steps=2, cfg_scale=1.0, latents=noise(), output="np",
+                control_images=[picture(1)], control_scale=0.7)
+    direct = QwenImagePipeline.from_pretrained(folder, dtype="bfloat16", controlnets=[net_folder])
+    converted = QwenImagePipeline.from_pretrained(folder, dtype="bfloat16", controlnets=[out])
+    np.testing.assert_array_equal(direct.generate("a dancer", **args), converted.generate("a dancer", **args))
+    again = CliRunner().invoke(cli, ["convert", "--controlnet", "--model", str(net_folder), "--output", str(out)])
+    assert again.exit_code == 1 and "already exists" in again.output
+    eight = tmp_path / "controlnet-8bit"
+    result = CliRunner().invoke(cli, ["convert", "--controlnet", "--model", str(net_folder), "--output", str(eight),
+                                      "--bits", "8", "--group-size", "32"])
+    assert result.exit_code == 0, result.output
+    quantized = QwenImagePipeline.from_pretrained(folder, dtype="bfloat16", controlnets=[eight])
+    block = quantized.controlnet.nets[0].transformer_blocks[0].attn.to_q
+    assert type(block).__name__ == "QuantizedLinear"
+    assert type(quantized.controlnet.nets[0].controlnet_blocks[0]).__name__ == "Linear"
+    got, ref = quantized.generate("a dancer", **args), direct.generate("a dancer", **args)
+    assert 0 < rel_err(got - 0.5, ref - 0.5) < 5e-2

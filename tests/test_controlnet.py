@@ -203,3 +203,29 @@ def test_full_size_names_and_shapes_equal_diffusers(extra):
     weights = {k: mx.zeros(shape, dtype=mx.bfloat16) for k, shape in expected.items()}
     model.load_weights(list(model.sanitize(weights).items()), strict=True)
     assert sum(v.size for _, v in tree_flatten(model.parameters())) == sum(v.numel() for v in ref.parameters())
+
+
+def test_quantized_controlnet_keeps_its_projections_float():
+    """quantize= applies the transformer's recipe: the blocks at 4/8 bits, the residual projections and the control
+    embedder float (they write and read the residuals directly)."""
+    import mlx.nn as nn
+
+    from mlx_qwen_image.loading import quantize_model
+
+    config = dict(num_layers=3, attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
+                  axes_dims_rope=[16, 24, 24], in_channels=64)
+    mx.random.seed(0)
+    net = QwenImageControlNet.from_config(config)
+    quantized = QwenImageControlNet.from_config(config)
+    quantized.load_weights(tree_flatten(net.parameters()))
+    quantize_model(quantized, bits=4)
+    kinds = {path: type(m).__name__ for path, m in quantized.named_modules() if isinstance(m, (nn.Linear,
+                                                                                              nn.QuantizedLinear))}
+    assert kinds["controlnet_blocks.0"] == kinds["controlnet_x_embedder"] == "Linear"
+    assert kinds["transformer_blocks.1.attn.to_q"] == "QuantizedLinear"
+    rng = np.random.default_rng(0)
+    x, cond = (mx.array(rng.standard_normal((1, 12, 64)).astype(np.float32)) for _ in range(2))
+    txt = mx.array(rng.standard_normal((1, 5, 64)).astype(np.float32))
+    args = (x, cond, 1.0, txt, None, mx.array([0.5]), [[(1, 3, 4)]])
+    for a, b in zip(net(*args), quantized(*args)):
+        assert 0 < rel_err(np.array(b), np.array(a)) < 0.1
