@@ -139,6 +139,9 @@ def shared_options(fn):
               help="Inpainting with --image: repaint where the mask is white (or transparent, in an RGBA mask).")
 @click.option("--mask-blur", type=click.FloatRange(min=0), default=0.0,
               help="Gaussian blur radius (px) applied to --mask first.")
+@click.option("--mask-crop", type=click.IntRange(min=0), default=None, metavar="PX",
+              help="Inpaint only the region around --mask (PX wider), at the output size, then paste it back into "
+                   "the picture at its own size.")
 @click.option("--controlnet", "controlnets", multiple=True, metavar="PATH[:SCALE]",
               help="A ControlNet folder or Hub repo id with its conditioning scale (repeatable: one per "
                    "--control-image; repeat one net for several conditions on the Union model).")
@@ -150,7 +153,7 @@ def shared_options(fn):
               help="Fraction of the steps after which they stop.")
 @shared_options
 @user_errors
-def generate(prompt, model, width, height, aspect, init_image, strength, mask, mask_blur, controlnets,
+def generate(prompt, model, width, height, aspect, init_image, strength, mask, mask_blur, mask_crop, controlnets,
              control_images, control_start, control_end, steps, cfg_scale, negative_prompt, seed, num_images,
              output, overwrite, quantize, dtype, low_memory, gguf, text_encoder_bits, loras, cache_spec,
              enhance_prompt, parallel, connect_timeout, lightning):
@@ -196,12 +199,12 @@ def generate(prompt, model, width, height, aspect, init_image, strength, mask, m
         run = pipe.denoise(**job.prompt(prompt), negative_prompt=negative_prompt, width=width, height=height,
                            steps=job.steps, cfg_scale=job.cfg_scale, seed=s, image=picture,
                            strength=strength if picture is not None else None, cache=job.cache, mask=region,
-                           mask_blur=mask_blur, control_images=controls or None,
+                           mask_blur=mask_blur, mask_crop=mask_crop, control_images=controls or None,
                            control_scale=[scale for _, scale in nets] or None, control_start=control_start,
                            control_end=control_end)
         extra = {"image": str(init_image), "strength": strength} if picture is not None else {}
         if region is not None:
-            extra.update(mask=str(mask), mask_blur=mask_blur)
+            extra.update(mask=str(mask), mask_blur=mask_blur, **({"mask_crop": mask_crop} if mask_crop else {}))
         if nets:
             extra.update(controlnets=", ".join(f"{p}:{c:g}" for p, c in nets), control_images=", ".join(control_images),
                          control_window=f"{control_start:g}-{control_end:g}")

@@ -44,6 +44,7 @@ class Request:
     mask: Image.Image | None = None  # inpainting: grey, white where the picture is repainted (`inpaint.mask_from`)
     mask_blur: float = 0.0
     control: object | None = None  # `control.ControlRequest`
+    mask_crop: int | None = None  # inpaint only the region around the mask, this many pixels wider (`inpaint`)
 
     @property
     def batch(self) -> int:
@@ -257,7 +258,7 @@ def make_request(variant: Variant, channels: int, fixed_steps: int | None, promp
                  height=None, steps=None, cfg_scale=None, seed=0, latents=None, images=None, image=None,
                  strength=None, hooks=(), cache=None, enhance_prompt=False, mask=None, mask_blur=None,
                  controlnet=None, control_images=None, control_scale=None, control_start=None,
-                 control_end=None) -> Request:
+                 control_end=None, mask_crop=None) -> Request:
     """Check a run's arguments against the checkpoint (``variant``, the transformer's latent ``channels``, the
     scheduler's ``fixed_steps``) and resolve the defaults; every mistake is a one-line ``ValueError``."""
     prompts = check_prompts(prompt)
@@ -287,6 +288,9 @@ def make_request(variant: Variant, channels: int, fixed_steps: int | None, promp
         strength = 0.6 if strength is None else strength
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
+    mask_crop = _integer("mask_crop", mask_crop, low=0)
+    if mask_crop is not None and (mask is None or image is None):
+        raise ValueError("mask_crop applies to inpainting a picture: pass image= and mask= too")
     mask_blur = _number("mask_blur", mask_blur) or 0.0
     if mask_blur < 0:
         raise ValueError(f"mask_blur must be at least 0, got {mask_blur}")
@@ -340,4 +344,5 @@ def make_request(variant: Variant, channels: int, fixed_steps: int | None, promp
     if enhance_prompt is not False and enhance is None:
         enhance = {}
     return Request(tuple(prompts), tuple(negatives) if negatives else None, width, height, steps, cfg_scale, seed,
-                   latents, pictures, picture, strength, tuple(hooks), cache, enhance, mask, mask_blur, control)
+                   latents, pictures, picture, strength, tuple(hooks), cache, enhance, mask, mask_blur, control,
+                   mask_crop)

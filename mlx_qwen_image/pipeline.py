@@ -113,7 +113,12 @@ class Run:
             raise RuntimeError(f"the run was closed after {self.done} of {self.total} steps")
         self.tell("decode")
         with self.pipe._lock:
-            return runtime.call(self.pipe._decode, self.latents, self.width, self.height, output, self.stats)
+            images = runtime.call(self.pipe._decode, self.latents, self.width, self.height, output, self.stats)
+        if self.request.mask_crop is not None:  # the inpainted crop goes back into the whole picture
+            from .inpaint import paste_back
+
+            images = paste_back(self.request, images, output)
+        return images
 
 
 class _TimestepSource:
@@ -326,7 +331,7 @@ class QwenImagePipeline:
     def denoise(self, prompt, negative_prompt=None, width=None, height=None, steps=None, cfg_scale=None, seed=0,
                 latents=None, images=None, image=None, strength=None, low_memory=None, hooks=(), cache=None,
                 enhance_prompt=False, mask=None, mask_blur=None, control_images=None, control_scale=None,
-                control_start=None, control_end=None) -> Run:
+                control_start=None, control_end=None, mask_crop=None) -> Run:
         """A `Run` of ``generate``'s request: iterate it for the evaluated latents after each step, then
         ``run.complete()`` decodes. Everything about the request is checked here, before any work."""
         fixed = self.scheduler.fixed_steps or (len(self.sample_sigmas) if self.sample_sigmas else None)
@@ -336,7 +341,7 @@ class QwenImagePipeline:
                                image=image, strength=strength, hooks=hooks, cache=cache,
                                enhance_prompt=enhance_prompt, mask=mask, mask_blur=mask_blur,
                                controlnet=self.controlnet, control_images=control_images, control_scale=control_scale,
-                               control_start=control_start, control_end=control_end)
+                               control_start=control_start, control_end=control_end, mask_crop=mask_crop)
         config = self.transformer.config
         message = memory.refuse_size(request.width, request.height, request.cfg_scale > 1, config.inner_dim,
                                      config.num_attention_heads)
@@ -362,7 +367,7 @@ class QwenImagePipeline:
     def generate(self, prompt, negative_prompt=None, width=None, height=None, steps=None, cfg_scale=None, seed=0,
                  latents=None, output="pil", images=None, image=None, strength=None, low_memory=None, hooks=(),
                  cache=None, enhance_prompt=False, progress=None, mask=None, mask_blur=None, control_images=None,
-                 control_scale=None, control_start=None, control_end=None):
+                 control_scale=None, control_start=None, control_end=None, mask_crop=None):
         """Images for ``prompt`` (a string: one image; a list: one per prompt, seeds ``seed``, ``seed + 1`` ...).
 
         ``images=[...]``: the pictures an editing checkpoint edits. ``image=`` with ``strength=`` (default 0.6):
@@ -371,17 +376,18 @@ class QwenImagePipeline:
         each step. ``cache``: a step cache (`mlx_qwen_image.cache`). ``enhance_prompt``: rewrite the prompt first with
         the text encoder run as a chat model (True, or a dict of `enhance.rewrite` options; the rewrite is in the
         run's ``stats["enhance"]``). ``mask=`` (a picture or a path: white, or transparent in an RGBA mask, where
-        the picture is repainted; ``mask_blur`` a Gaussian radius) with ``image=`` or ``images=``: inpainting, the
-        rest of the picture kept (`inpaint`). ``control_images`` (one per condition) with ``control_scale``,
-        ``control_start``, ``control_end`` (numbers, or one per condition): the ControlNets of `from_pretrained`
-        (`control`; with the inpainting ControlNet, ``mask=`` marks what its picture repaints). What a checkpoint
-        cannot do is refused with a ``ValueError`` saying what it can do.
+        the picture is repainted; ``mask_blur`` a Gaussian radius; ``mask_crop`` N: only the region around the mask,
+        N pixels wider, is inpainted at the output size, then pasted back into the picture at its own size) with
+        ``image=`` or ``images=``: inpainting, the rest of the picture kept (`inpaint`). ``control_images`` (one
+        per condition) with ``control_scale``, ``control_start``, ``control_end`` (numbers, or one per condition):
+        the ControlNets of `from_pretrained` (`control`; with the inpainting ControlNet, ``mask=`` marks what its
+        picture repaints). What a checkpoint cannot do is refused with a ``ValueError`` saying what it can do.
         """
         if output not in ("pil", "np"):
             raise ValueError(f"output must be 'pil' or 'np', got {output!r}")
         run = self.denoise(prompt, negative_prompt, width, height, steps, cfg_scale, seed, latents, images, image,
                            strength, low_memory, hooks, cache, enhance_prompt, mask, mask_blur, control_images,
-                           control_scale, control_start, control_end)
+                           control_scale, control_start, control_end, mask_crop)
         pictures = run.complete(output, progress)
         return pictures[0] if isinstance(prompt, str) else pictures
 

@@ -67,6 +67,34 @@ def test_inpainting_equals_diffusers(pipes, monkeypatch, kind, strength, cfg_sca
     assert rel_err(plain - 0.5, expected - 0.5) > 1e-2  # the mask matters
 
 
+def test_mask_crop_equals_diffusers_padding_mask_crop(pipes, monkeypatch):
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_inpaint as ref_module
+
+    from mlx_qwen_image.inpaint import crop_region
+
+    ours, reference = pipes
+    _mode_latents(monkeypatch, ref_module)
+    ref = ref_module.QwenImageInpaintPipeline(**reference.components)
+    source = picture(150, 110, 6)
+    region = Image.new("L", (150, 110), 0)
+    ImageDraw.Draw(region).rectangle([90, 60, 120, 80], fill=255)  # small, off-centre: the crop matters
+    with torch.no_grad():
+        expected = ref(prompt="a window", image=source, mask_image=region, strength=1.0, width=WIDTH, height=HEIGHT,
+                       padding_mask_crop=12, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                       output_type="pil").images[0]
+    assert expected.size == source.size  # pasted back into the picture at its own size
+    assert crop_region(region, WIDTH, HEIGHT, 12) == ref.mask_processor.get_crop_region(region, WIDTH, HEIGHT, 12)
+    got = ours.generate("a window", image=source, mask=region, strength=1.0, width=WIDTH, height=HEIGHT,
+                        mask_crop=12, steps=3, cfg_scale=1.0, latents=_noise(WIDTH, HEIGHT))
+    assert got.size == source.size
+    a, b = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    assert np.abs(a - b).max() <= 1  # 8-bit rounding of a 1e-6 difference
+    keep = np.asarray(region) == 0
+    assert np.array_equal(np.asarray(got)[keep], np.asarray(source)[keep])  # the rest is the picture itself
+    with pytest.raises(ValueError, match="mask_crop applies to inpainting a picture"):
+        ours.generate("x", mask_crop=4, steps=1)
+
+
 def test_outside_the_mask_is_the_pictures_vae_round_trip(pipes):
     """The kept latents are the picture's exactly (what the reference's blend gives). Decoded, pixels away from the
     repainted corner are the picture's VAE round trip up to the decoder's mid-block attention, which lets every
@@ -155,6 +183,10 @@ def test_cli_inpaints_and_says_what_is_wrong(tiny_checkpoint, pipes, tmp_path):
     expected = ours.generate("a red door", image=str(source), mask=str(region), mask_blur=1.5, width=96, height=64,
                              steps=2, seed=5, cfg_scale=1.0)
     np.testing.assert_array_equal(np.asarray(saved), np.asarray(expected))
+    cropped = tmp_path / "cropped.png"
+    result = CliRunner().invoke(cli, args + ["--mask", str(region), "--mask-crop", "8", "-o", str(cropped)])
+    assert result.exit_code == 0, result.output
+    assert Image.open(cropped).size == picture().size and Image.open(cropped).text["mask_crop"] == "8"
     for extra, message in ((["--mask", str(region)], None), (["--mask", str(tmp_path / "none.png")], "none.png")):
         base = args if message else [a for a in args if a not in ("--image", str(source))]
         result = CliRunner().invoke(cli, base + extra + ["-o", str(tmp_path / "x.png")])
