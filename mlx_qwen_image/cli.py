@@ -184,6 +184,7 @@ def generate(prompt, model, width, height, aspect, init_image, strength, mask, m
               text_encoder_bits, loras, lightning, cache_spec, enhance_prompt, parallel, connect_timeout,
               controlnets=[path for path, _ in nets])
     variant = job.check_model(edits=False)
+    refuse_unavailable(variant, region, nets)
     if picture is not None and not variant.img2img:
         raise UsageError(f"{variant.name} does not redraw a picture (img2img); to edit it, use `mlx-qwen-image edit "
                          f"PROMPT --image {init_image}`" if variant.edits else
@@ -210,6 +211,14 @@ def generate(prompt, model, width, height, aspect, init_image, strength, mask, m
                          control_window=f"{control_start:g}-{control_end:g}")
         job.save(run, s, path, job.metadata(run, s, prompt=prompt, **extra))
     job.done()
+
+
+def refuse_unavailable(variant, mask, controlnets):
+    """Inpainting and ControlNets refused before loading on a checkpoint that has neither."""
+    if mask is not None and not variant.inpainting:
+        raise UsageError(f"--mask: inpainting is not available for {variant.name}")
+    if controlnets and not variant.controlnet:
+        raise UsageError(f"--controlnet: ControlNets are not available for {variant.name}")
 
 
 @cli.command()
@@ -245,6 +254,7 @@ def edit(prompt, images, model, width, height, mask, mask_blur, strength, steps,
     variant = job.check_model(edits=True, pictures=len(images))
     pictures = [open_picture(p) for p in images]
     region = open_picture(mask) if mask is not None else None
+    refuse_unavailable(variant, region, ())
     job.check_size(variant, width, height, images=pictures)
     pipe = job.load()
     for path, s in job.work():

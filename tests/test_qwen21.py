@@ -157,3 +157,15 @@ def test_cli_refuses_lightning(tiny21_checkpoint, tmp_path):
                                       "-o", str(tmp_path / "fox.png")])
     assert result.exit_code == 1 and "--lightning is the schedule of Qwen-Image's Lightning LoRAs" in result.output
     assert not (tmp_path / "fox.png").exists()
+
+
+def test_cli_refuses_masks_and_controlnets_before_loading(tiny21_checkpoint, tmp_path):
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (64, 64)).save(picture)
+    model = str(tiny21_checkpoint[0])
+    for args, message in ((["edit", "x", "--image", str(picture), "--mask", str(picture)],
+                           "--mask: inpainting is not available for Qwen-Image 2.1"),
+                          (["generate", "x", "--controlnet", str(tmp_path), "--control-image", str(picture)],
+                           "--controlnet: ControlNets are not available for Qwen-Image 2.1")):
+        result = CliRunner().invoke(cli, args + ["--model", model, "-o", str(tmp_path / "out.png")])
+        assert result.exit_code == 1 and message in result.output, result.output
