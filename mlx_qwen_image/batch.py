@@ -193,7 +193,7 @@ class Job:
                                  + (f" or {lo + m}" if v > lo else ""))
         cfg = (self.cfg_scale if self.cfg_scale is not None else variant.cfg_scale) > 1
         width, height = output_size(variant, width, height, image, images)
-        refusal = refuse_size(width, height, cfg)
+        refusal = refuse_size(width, height, cfg, variant.stream_width, variant.attention_heads)
         if refusal:
             raise UsageError(refusal)
         sizes = [p.size for p in images]

@@ -81,7 +81,8 @@ def estimate_bytes(model, quantize: int | None, width: int, height: int, cfg: bo
     if text is None:
         text = variant.text_encoder_params * bytes_per_param(text_encoder_bits, dtype)
     transformer = transformer / ranks + prefix_cache_bytes(variant, pictures, cfg, dtype)
-    return (max(transformer, text) if low_memory else transformer + text) + activation_bytes(width, height, cfg)
+    activations = activation_bytes(width, height, cfg, variant.stream_width, variant.attention_heads)
+    return (max(transformer, text) if low_memory else transformer + text) + activations
 
 
 def activation_bytes(width: int, height: int, cfg: bool, dim: int = 3072, heads: int = 24,

@@ -99,6 +99,8 @@ class Variant:
     step_caches: bool = True  # first-block / TaylorSeer / MagCache apply (the MMDiT's two-stream block loop)
     tensor_parallel: bool = True  # --parallel tensor can shard its blocks (the MMDiT's)
     kv_bytes_per_token: int = 0  # the prefix K/V cache per prefix token and CFG row in bf16 (2.1: 32 x 2 x 4096 x 2)
+    stream_width: int = 3072  # the transformer's width and heads, for activation estimates before it is loaded
+    attention_heads: int = 24
     lightning: bool = True  # the Lightning LoRAs' schedule (--lightning) is made for this transformer
     inpainting: bool = True  # mask= (the blend of `inpaint`, for the 8x VAE's packed latents)
     controlnet: bool = True  # Qwen-Image ControlNets feed its transformer (`control`)
@@ -168,7 +170,8 @@ VARIANTS: dict[str, Variant] = {
         Variant("QwenImage21Pipeline", "Qwen-Image 2.1", components=("transformer", "vae", "text_encoder",
                 "scheduler", "processor"), template=QWEN21_TEMPLATE, vision=True, max_images=10,
                 picture_label="<image{}>", picture_separator=" ", picture_mode="RGBA", optional_images=True,
-                kv_bytes_per_token=32 * 2 * 4096 * 2, drop=14, max_text_tokens=None, steps=40, cfg_scale=1.0,
+                kv_bytes_per_token=32 * 2 * 4096 * 2, stream_width=4096, attention_heads=32, drop=14,
+                max_text_tokens=None, steps=40, cfg_scale=1.0,
                 transformer_params=7_115_124_736, text_encoder_params=7_568_405_504,
                 download_bytes=31_600_000_000, family="qwen-image-2.1", size_multiple=32, cfg_rescale=False,
                 blank_prompt=" ", tokenizer_folders=("processor", "tokenizer"), references_first=True,

@@ -155,6 +155,10 @@ def test_the_pictures_prefix_cache_is_estimated_before_loading(monkeypatch):
     assert memory.prefix_cache_bytes(VARIANTS["QwenImageEditPlusPipeline"], [(1024, 1024)]) == 0
     monkeypatch.setattr(memory, "total_memory", lambda: 36e9)
     monkeypatch.setattr(memory, "_on_cpu", lambda: False)
+    # 2.1's activations are those of its own 4096-wide transformer (and the text's K/V cache), before loading
+    weights = (v21.transformer_params + v21.text_encoder_params) * 2
+    assert memory.estimate_bytes("Qwen/Qwen-Image-2.1", None, 1024, 1024, False, False, variant=v21) == \
+        weights + memory.activation_bytes(1024, 1024, False, 4096, 32) + memory.prefix_cache_bytes(v21)
     assert memory.too_large("Qwen/Qwen-Image-2.1", 8, 1024, 1024, False, True, variant=v21,
                             pictures=[(1024, 1024)]) is None
     warning = memory.too_large("Qwen/Qwen-Image-2.1", 8, 1024, 1024, False, True, variant=v21,
