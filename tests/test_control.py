@@ -10,6 +10,7 @@ from conftest import TINY_TRANSFORMER, randomize_, rel_err
 from PIL import Image, ImageDraw
 
 from mlx_qwen_image import QwenImagePipeline
+from mlx_qwen_image.cache import FirstBlockCache
 from mlx_qwen_image.cli import cli
 
 WIDTH, HEIGHT = 96, 64
@@ -122,6 +123,7 @@ def test_refusals_and_the_cli(tiny_checkpoint, controlnets, tmp_path):
         (dict(control_images=[picture(1)], control_start=0.5, control_end=0.5), "0 <= start < end <= 1"),
         (dict(control_images=[picture(1)], control_scale=[1.0, 2.0]), "2 values for 1 control pictures"),
         (dict(control_images=[picture(1)], images=[picture(2)]), "ControlNets guide text-to-image"),
+        (dict(control_images=[picture(1)], cache=FirstBlockCache()), "step caches .* do not run with ControlNets"),
     ):
         with pytest.raises(ValueError, match=message):
             ours.generate("x", steps=1, **kwargs)
