@@ -334,6 +334,34 @@ def test_the_web_page_in_a_real_browser(server):
     np.testing.assert_array_equal(_pixels(base64.b64decode(src.split(",", 1)[1])), np.asarray(expected))
 
 
+def test_the_web_page_inpaints_with_a_mask(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    picture, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(picture)
+    region = np.zeros((64, 64), np.uint8)
+    region[10:40, 20:50] = 255
+    Image.fromarray(region).save(mask)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), headless=True, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('QwenImagePipeline')")
+        page.fill("#prompt", "a red door")
+        page.select_option("#size", "64x64")
+        page.fill("#steps", "3")
+        page.fill("#seed", "7")
+        page.set_input_files("#pictures", str(picture))
+        page.set_input_files("#mask", str(mask))
+        page.click("#go")
+        page.wait_for_selector("#image:not(.hidden)", timeout=120_000)
+        src = page.get_attribute("#image", "src")
+        browser.close()
+    expected = server.service.pipe.generate("a red door", image=str(picture), mask=str(mask), width=64, height=64,
+                                            steps=3, seed=7)
+    np.testing.assert_array_equal(_pixels(base64.b64decode(src.split(",", 1)[1])), np.asarray(expected))
+
+
 def test_the_serve_command_refuses_bad_options(tmp_path):
     result = CliRunner().invoke(cli, ["serve", "--queue", "0"])
     assert result.exit_code == 1 and "--queue 0: at least 1" in result.output
