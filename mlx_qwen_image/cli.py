@@ -168,6 +168,11 @@ def generate(prompt, model, width, height, aspect, init_image, strength, mask, m
     from .lora import parse_lora_arg
 
     nets = [parse_lora_arg(text, "--controlnet") for text in controlnets]
+    from .loading import is_repo_id
+
+    for path, _ in nets:  # a missing folder is refused now, not after minutes of loading the model
+        if not is_repo_id(path) and not Path(path).expanduser().is_dir():
+            raise UsageError(f"--controlnet {path}: no such folder (a ControlNet folder or a Hub repo id)")
     if mask is not None and init_image is None and not controlnets:
         raise UsageError("--mask needs --image, the picture it applies to")
     if aspect is not None and (width is not None or height is not None):

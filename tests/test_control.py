@@ -145,7 +145,9 @@ def test_refusals_and_the_cli(tiny_checkpoint, controlnets, tmp_path):
                              control_images=[control], control_scale=0.7, control_end=0.8)
     np.testing.assert_array_equal(np.asarray(saved), np.asarray(expected))
     for extra, message in ((["--controlnet", str(net_folder)], "--controlnet needs --control-image"),
-                           (["--control-image", str(control)], "--control-image needs --controlnet")):
+                           (["--control-image", str(control)], "--control-image needs --controlnet"),
+                           (["--controlnet", str(tmp_path / "nowhere"), "--control-image", str(control)],
+                            "no such folder")):
         result = CliRunner().invoke(cli, args + extra + ["-o", str(tmp_path / "x.png")])
         assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
 
