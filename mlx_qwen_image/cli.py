@@ -168,11 +168,7 @@ def generate(prompt, model, width, height, aspect, init_image, strength, mask, m
     from .lora import parse_lora_arg
 
     nets = [parse_lora_arg(text, "--controlnet") for text in controlnets]
-    from .loading import is_repo_id
-
-    for path, _ in nets:  # a missing folder is refused now, not after minutes of loading the model
-        if not is_repo_id(path) and not Path(path).expanduser().is_dir():
-            raise UsageError(f"--controlnet {path}: no such folder (a ControlNet folder or a Hub repo id)")
+    check_controlnet_paths(path for path, _ in nets)
     if mask is not None and init_image is None and not controlnets:
         raise UsageError("--mask needs --image, the picture it applies to")
     if aspect is not None and (width is not None or height is not None):
@@ -216,6 +212,15 @@ def generate(prompt, model, width, height, aspect, init_image, strength, mask, m
                          control_window=f"{control_start:g}-{control_end:g}")
         job.save(run, s, path, job.metadata(run, s, prompt=prompt, **extra))
     job.done()
+
+
+def check_controlnet_paths(paths):
+    """A missing --controlnet folder refused now, not after minutes of loading the model."""
+    from .loading import is_repo_id
+
+    for path in paths:
+        if not is_repo_id(path) and not Path(path).expanduser().is_dir():
+            raise UsageError(f"--controlnet {path}: no such folder (a ControlNet folder or a Hub repo id)")
 
 
 def refuse_unavailable(variant, mask, controlnets):
@@ -368,8 +373,12 @@ def convert_command(source, output, bits, group_size, dtype, text_encoder_bits, 
 @click.option("--text-encoder-bits", type=click.Choice(["8"]), default=None,
               help="Quantize the text encoder on load (8-bit: 8.9 GB instead of 14 GB).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="LoRA safetensors file (repeatable).")
+@click.option("--controlnet", "controlnets", multiple=True, metavar="PATH",
+              help="A ControlNet folder or Hub repo id (repeatable, one per condition); requests then send "
+                   "control_image.")
 @user_errors
-def serve(model, host, port, api_key, queue_size, quantize, dtype, low_memory, gguf, text_encoder_bits, loras):
+def serve(model, host, port, api_key, queue_size, quantize, dtype, low_memory, gguf, text_encoder_bits, loras,
+          controlnets):
     """Serve a model over HTTP: the OpenAI Images API, an AUTOMATIC1111 subset and a web page."""
     import ipaddress
 
@@ -388,6 +397,7 @@ def serve(model, host, port, api_key, queue_size, quantize, dtype, low_memory, g
     parsed = [parse_lora_arg(text) for text in loras]
     for path, _ in parsed:
         load_lora(path)
+    check_controlnet_paths(controlnets)
     try:
         local = ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -400,7 +410,8 @@ def serve(model, host, port, api_key, queue_size, quantize, dtype, low_memory, g
     from .server import create_app
 
     load = {"quantize": int(quantize) if quantize else None, "dtype": dtype, "loras": parsed, "gguf": gguf,
-            "text_encoder_bits": int(text_encoder_bits) if text_encoder_bits else None}
+            "text_encoder_bits": int(text_encoder_bits) if text_encoder_bits else None,
+            "controlnets": list(controlnets)}
     service = Service(model, load, queue_size=queue_size, api_key=api_key, low_memory=low_memory)
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"mlx-qwen-image serving {model} at http://{shown}:{port}/ (the model loads in the background; "

@@ -69,6 +69,7 @@ def create_app(service: Service) -> FastAPI:
         body = await _json(request)
         width, height = _size(body)
         args, seed, n, output_format = job_args(body, width, height)
+        _control_into(args, body)
         return await _answer(request, body, args, seed, n, output_format)
 
     @app.post("/v1/images/edits")
@@ -233,6 +234,25 @@ def _b64(text: str, name: str) -> bytes:
         return base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, f"{name} holds something that is not base64", param=name, code="invalid_image") from None
+
+
+def _control_into(args: dict, body: dict):
+    """ControlNet fields of a JSON request (a server started with --controlnet): ``control_image`` (base64, or a
+    list, one per condition), ``control_scale``, ``control_start``, ``control_end`` (numbers or lists)."""
+    images = body.get("control_image")
+    if images is None:
+        return
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+        raise ApiError(400, "control_image must be a base64 image or a list of them", param="control_image")
+    args["control_images"] = [read_picture(_b64(i, "control_image"), "control_image") for i in images]
+    for name in ("control_scale", "control_start", "control_end"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, list)):
+            raise ApiError(400, f"{name} must be a number or a list of numbers", param=name, code="invalid_type")
+        args[name] = value  # the pipeline checks the values (a 400 naming what is wrong)
 
 
 def _pictures_into(service: Service, args: dict, pictures: list, strength):

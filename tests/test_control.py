@@ -176,3 +176,36 @@ def test_converted_controlnet_loads_and_gives_the_same_image(tiny_checkpoint, co
     assert type(quantized.controlnet.nets[0].controlnet_blocks[0]).__name__ == "Linear"
     got, ref = quantized.generate("a dancer", **args), direct.generate("a dancer", **args)
     assert 0 < rel_err(got - 0.5, ref - 0.5) < 5e-2
+
+
+def test_a_server_with_a_controlnet(tiny_checkpoint, controlnets):
+    """`serve --controlnet`: a real server and the OpenAI client; the control fields in the JSON body."""
+    import base64
+    import io
+
+    from openai import BadRequestError, OpenAI
+    from test_server import Running
+
+    from mlx_qwen_image.jobs import Service
+
+    folder, _ = tiny_checkpoint
+    net_folder, _ = controlnets["plain"]
+    running = Running(Service(str(folder), {"dtype": "float32", "controlnets": [str(net_folder)]})).ready()
+    try:
+        buffer = io.BytesIO()
+        picture(1).save(buffer, format="PNG")
+        control = base64.b64encode(buffer.getvalue()).decode()
+        client = OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        response = client.images.generate(prompt="a dancer", size=f"{WIDTH}x{HEIGHT}", extra_body={
+            "seed": 2, "steps": 3, "control_image": control, "control_scale": 0.7, "control_end": 0.8})
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.data[0].b64_json))).convert("RGB"))
+        expected = running.service.pipe.generate("a dancer", width=WIDTH, height=HEIGHT, steps=3, seed=2,
+                                                 control_images=[picture(1)], control_scale=0.7, control_end=0.8)
+        np.testing.assert_array_equal(served, np.asarray(expected))
+        with pytest.raises(BadRequestError, match="this pipeline has a ControlNet: pass control_images"):
+            client.images.generate(prompt="a dancer", size=f"{WIDTH}x{HEIGHT}", extra_body={"steps": 1})
+        with pytest.raises(BadRequestError, match="control_scale must be a number"):
+            client.images.generate(prompt="a dancer", size=f"{WIDTH}x{HEIGHT}",
+                                   extra_body={"control_image": control, "control_scale": "big"})
+    finally:
+        running.stop()

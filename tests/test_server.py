@@ -367,6 +367,8 @@ def test_the_serve_command_refuses_bad_options(tmp_path):
     assert result.exit_code == 1 and "--queue 0: at least 1" in result.output
     result = CliRunner().invoke(cli, ["serve", "--gguf", str(tmp_path / "none.gguf")])
     assert result.exit_code == 1 and "no such file" in result.output
+    result = CliRunner().invoke(cli, ["serve", "--controlnet", str(tmp_path / "none")])
+    assert result.exit_code == 1 and "--controlnet" in result.output and "no such folder" in result.output
 
 
 def test_the_serve_command_serves(tiny_checkpoint):
