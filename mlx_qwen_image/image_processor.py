@@ -164,6 +164,11 @@ class QwenImageProcessor:
         pixel_values = np.concatenate([r[0] for r in results], axis=0)
         return pixel_values, np.array([r[1] for r in results], dtype=np.int64)
 
+    def grids(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """The ``image_grid_thw`` that `__call__` gives these pictures, without preparing their pixels."""
+        sizes = [self.resized_size(*image.size) for image in images]
+        return np.array([(1, h // self.patch_size, w // self.patch_size) for w, h in sizes], dtype=np.int64)
+
     def expand_image_tokens(self, text: str, image_grid_thw: Sequence[Sequence[int]]) -> str:
         """Repeat each ``<|image_pad|>`` of ``text`` to its image's token count, images taken in order."""
         parts = text.split(IMAGE_PAD)

@@ -227,3 +227,56 @@ def quantize_model(model, bits: int, group_size: int = 64) -> dict:
     """Quantize-on-load of a float transformer with the converter's recipe, so that it gets exactly the weights a
     converted checkpoint holds; returns the plan."""
     return quantize_transformer(model, bits, group_size)
+
+
+class TimestepSource:
+    """Where freed timestep-path weights come back from: the checkpoint, with the pipeline's own LoRAs fused."""
+
+    fuses_loras = True
+
+    def __init__(self, folder: Path, dtype, loras):
+        self.folder, self.dtype, self.loras = folder, dtype, list(loras)
+
+    def weights(self, model) -> dict:
+        weights = model.sanitize(lazy_weights(self.folder))
+        if not self.loras:
+            return weights
+        from .lora import fuse_lora_weights
+
+        cast = {k: v.astype(self.dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+        return fuse_lora_weights(cast, self.loras, only=model.modulation_layer_paths())
+
+
+def gguf_transformer(variant, root, path, dtype, quantize):
+    """The transformer of ``root``'s config with its weights from a GGUF file, and the file as its reload source."""
+    import warnings
+
+    from . import gguf
+    from .quantize import apply_plan
+
+    if quantize:
+        raise ValueError("a GGUF file comes quantized as it is: leave out quantize (--quantize)")
+    config_file = root / "transformer" / "config.json"
+    with naming(config_file):
+        model = variant.model_class("transformer").from_config(read_json(config_file))
+    weights, plan, requantized = gguf.load(path, model, dtype)
+    apply_plan(model, plan)
+    model.set_dtype(dtype)
+    model.load_weights(list(weights.items()), strict=True)
+    for kind, count in requantized.items():
+        warnings.warn(f"{path}: {count} {kind} tensors were dequantized and quantized again at "
+                      f"{gguf.REQUANTIZED[kind]} bits (MLX has no exact form of {kind})", stacklevel=2)
+    return model, gguf.Source(path, dtype)
+
+
+def sample_sigmas(root: Path) -> tuple[float, ...] | None:
+    """The sampling grid a checkpoint ships in model_index.json (2.1-Turbo's ``sample_sigmas``), or None."""
+    index = root / "model_index.json"
+    grid = read_json(index).get("sample_sigmas")
+    if grid is None:
+        return None
+    if not isinstance(grid, list) or not grid or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in grid):
+        raise CheckpointError(f"{index}: sample_sigmas must be a non-empty list of numbers in (0, 1], got "
+                              f"{str(grid)[:60]}; fix the file, or download the checkpoint again")
+    return tuple(float(v) for v in grid)

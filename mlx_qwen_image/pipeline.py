@@ -24,11 +24,12 @@ import numpy as np
 from . import memory, runtime
 from .conditioning import (Conditioning, Request, builder, check_prompts, edit_pictures, make_request,
                            pictures_list)
-from .config import CheckpointError, naming, read_json
+from .config import naming, read_json
 from .image import array_to_numpy, array_to_pil, pil_to_array
 from .image_processor import QwenImageProcessor
-from .loading import lazy_weights, load_model, quantize_model
+from .loading import TimestepSource, gguf_transformer, load_model, quantize_model, sample_sigmas
 from .prompts import MAX_SEQUENCE_LENGTH, FeatureCache, PromptEncoder
+from .run import NonFiniteError, Run, check_finite, phase_start, record_phase  # noqa: F401 (NonFiniteError: API)
 from .quantize import is_quantized, quantized_bits
 from .scheduler import scheduler_from_config
 from .tokenizer import QwenTokenizer
@@ -54,89 +55,6 @@ def guided(cond: mx.array, uncond: mx.array, scale: float, rescale: bool = True)
     if not rescale:
         return comb
     return comb * (mx.linalg.norm(cond, axis=-1, keepdims=True) / mx.linalg.norm(comb, axis=-1, keepdims=True))
-
-
-class Run:
-    """One request. Iterating runs it: the conditioning, then one denoising step per item (the evaluated packed
-    latents); `complete` runs what is left and decodes. ``stats`` holds each phase's seconds and peak memory.
-
-    A run holds its pipeline (other runs wait) until it finishes or is closed (``close()``, or dropping it).
-    """
-
-    def __init__(self, pipe: "QwenImagePipeline", request: Request, schedule, low_memory: bool,
-                 conditioning: Conditioning | None = None):
-        self.pipe, self.request, self.schedule, self.low_memory = pipe, request, schedule, low_memory
-        self.conditioning = conditioning  # prebuilt (`sample`); otherwise the request's builder makes it
-        self.width, self.height = request.width, request.height
-        self.total = schedule.steps
-        self.done = 0
-        self.latents: mx.array | None = None
-        self.stats: dict = {}
-        self.on_phase = None  # called with each phase's name as it starts (for progress lines)
-        self._iterator = None
-
-    def tell(self, phase: str):
-        if self.on_phase is not None:
-            self.on_phase(phase)
-
-    def __iter__(self):
-        if self._iterator is None:
-            self._iterator = self._run()
-        return self._iterator
-
-    def __next__(self):
-        return next(iter(self))
-
-    def _run(self):
-        with self.pipe._lock:
-            steps = self.pipe._steps(self)
-            try:
-                while (x := runtime.call(next, steps, None)) is not None:
-                    self.latents, self.done = x, self.done + 1
-                    yield x
-            finally:
-                runtime.call(steps.close)
-
-    def close(self):
-        """Stop the run early; the pipeline is restored and free for other runs."""
-        if self._iterator is not None:
-            self._iterator.close()
-
-    def complete(self, output: str = "pil", progress=None):
-        """Run the remaining steps (``progress(done, total)`` after each) and decode: a list of images."""
-        if output not in ("pil", "np"):
-            raise ValueError(f"output must be 'pil' or 'np', got {output!r}")
-        for _ in self:
-            if progress is not None:
-                progress(self.done, self.total)
-        if self.done < self.total:
-            raise RuntimeError(f"the run was closed after {self.done} of {self.total} steps")
-        self.tell("decode")
-        with self.pipe._lock:
-            images = runtime.call(self.pipe._decode, self.latents, self.width, self.height, output, self.stats)
-        if self.request.mask_crop is not None:  # the inpainted crop goes back into the whole picture
-            from .inpaint import paste_back
-
-            images = paste_back(self.request, images, output)
-        return images
-
-
-class _TimestepSource:
-    """Where freed timestep-path weights come back from: the checkpoint, with the pipeline's own LoRAs fused."""
-
-    fuses_loras = True
-
-    def __init__(self, folder: Path, dtype, loras):
-        self.folder, self.dtype, self.loras = folder, dtype, list(loras)
-
-    def weights(self, model) -> dict:
-        weights = model.sanitize(lazy_weights(self.folder))
-        if not self.loras:
-            return weights
-        from .lora import fuse_lora_weights
-
-        cast = {k: v.astype(self.dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-        return fuse_lora_weights(cast, self.loras, only=model.modulation_layer_paths())
 
 
 class QwenImagePipeline:
@@ -230,10 +148,10 @@ class QwenImagePipeline:
     def _load(cls, root, variant, dtype, quantize, loras, text_encoder_bits, scheduler,
               gguf_file=None, shard_over=None) -> "QwenImagePipeline":
         if gguf_file is not None:
-            transformer, source = _gguf_transformer(variant, root, gguf_file, dtype, quantize)
+            transformer, source = gguf_transformer(variant, root, gguf_file, dtype, quantize)
         else:
             transformer = load_model(variant.model_class("transformer"), root / "transformer", dtype)
-            source = _TimestepSource(root / "transformer", dtype, loras)
+            source = TimestepSource(root / "transformer", dtype, loras)
         stored = quantized_bits(transformer)
         if quantize and stored and quantize != stored:
             raise ValueError(f"{root} is already quantized ({stored}-bit): quantize={quantize} cannot change that; "
@@ -268,7 +186,7 @@ class QwenImagePipeline:
         pipe._timestep_source = source
         pipe.loras = list(loras)
         pipe.root = root
-        pipe.sample_sigmas = _sample_sigmas(root)
+        pipe.sample_sigmas = sample_sigmas(root)
         return pipe
 
     @property
@@ -402,11 +320,11 @@ class QwenImagePipeline:
         @contextlib.contextmanager
         def phase(name):
             run.tell(name)
-            start = _phase_start()
+            start = phase_start()
             yield
             if name == "text_encoder" and run.low_memory:  # staged: never beside the transformer's loop
                 self.free_text_encoder()
-            _phase(stats, name, start)
+            record_phase(stats, name, start)
 
         with runtime.wired_limit():
             if req.enhance is not None and run.conditioning is None:
@@ -419,7 +337,7 @@ class QwenImagePipeline:
                     cond.control = control_latents(self, req)
                     mx.eval(cond.control)
             run.tell("denoise")
-            start = _phase_start()
+            start = phase_start()
             x = noise = self._noise(req, cond.image_tokens)
             if cond.start is not None:
                 x = self.scheduler.add_noise(cond.start, x, schedule)
@@ -473,7 +391,7 @@ class QwenImagePipeline:
                     stats["prefix_cache"] = {"tokens": prefix.shape[1], "bytes": prefix.nbytes}
                 if cache is not None:
                     stats["cache"] = cache.finish()
-                _phase(stats, "denoise", start)
+                record_phase(stats, "denoise", start)
 
     def _enhance(self, req: Request, phase, stats: dict) -> Request:
         """The request with its prompts rewritten (in the text-encoder phase: the same weights, loaded once)."""
@@ -556,67 +474,11 @@ class QwenImagePipeline:
             return runtime.call(self._decode, latents, width, height, output, {})
 
     def _decode(self, latents, width, height, output, stats):
-        _check_finite(latents, "the denoised latents")
-        start = _phase_start()
+        check_finite(latents, "the denoised latents")
+        start = phase_start()
         z = self.vae.denormalize_latents(self.vae.unpack(latents, height, width).astype(self.vae.dtype))
         x = self.vae.decode(z)
         mx.eval(x)
-        _check_finite(x, "the decoded picture")
-        _phase(stats, "decode", start)
+        check_finite(x, "the decoded picture")
+        record_phase(stats, "decode", start)
         return array_to_pil(x) if output == "pil" else array_to_numpy(x)
-
-
-class NonFiniteError(RuntimeError):
-    """A run produced NaN or infinite values; no picture is made from them."""
-
-
-def _check_finite(x: mx.array, what: str):
-    if not mx.all(mx.isfinite(x)).item():
-        raise NonFiniteError(f"{what} hold NaN or infinite values, so no picture was made; likely causes: a LoRA (try "
-                             "it at a lower scale, or without it), a float16 overflow (use bfloat16), or a damaged "
-                             "checkpoint (download or convert it again)")
-
-
-def _gguf_transformer(variant, root, path, dtype, quantize):
-    """The transformer of ``root``'s config with its weights from a GGUF file, and the file as its reload source."""
-    import warnings
-
-    from . import gguf
-    from .quantize import apply_plan
-
-    if quantize:
-        raise ValueError("a GGUF file comes quantized as it is: leave out quantize (--quantize)")
-    config_file = root / "transformer" / "config.json"
-    with naming(config_file):
-        model = variant.model_class("transformer").from_config(read_json(config_file))
-    weights, plan, requantized = gguf.load(path, model, dtype)
-    apply_plan(model, plan)
-    model.set_dtype(dtype)
-    model.load_weights(list(weights.items()), strict=True)
-    for kind, count in requantized.items():
-        warnings.warn(f"{path}: {count} {kind} tensors were dequantized and quantized again at "
-                      f"{gguf.REQUANTIZED[kind]} bits (MLX has no exact form of {kind})", stacklevel=2)
-    return model, gguf.Source(path, dtype)
-
-
-def _sample_sigmas(root: Path) -> tuple[float, ...] | None:
-    """The sampling grid a checkpoint ships in model_index.json (2.1-Turbo's ``sample_sigmas``), or None."""
-    index = root / "model_index.json"
-    grid = read_json(index).get("sample_sigmas")
-    if grid is None:
-        return None
-    if not isinstance(grid, list) or not grid or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in grid):
-        raise CheckpointError(f"{index}: sample_sigmas must be a non-empty list of numbers in (0, 1], got "
-                              f"{str(grid)[:60]}; fix the file, or download the checkpoint again")
-    return tuple(float(v) for v in grid)
-
-
-def _phase_start() -> float:
-    mx.reset_peak_memory()
-    return time.perf_counter()
-
-
-def _phase(stats: dict, name: str, start: float):
-    stats[name] = {"seconds": time.perf_counter() - start, "peak_memory": mx.get_peak_memory()}
-

@@ -90,9 +90,10 @@ class PromptEncoder:
         sequences, vision = self._sequences(prompts, pictures, max_sequence_length)
         return self.encode_tokens(sequences, **vision)
 
-    def _sequences(self, prompts: list[str], pictures, max_sequence_length: int = MAX_SEQUENCE_LENGTH):
+    def _sequences(self, prompts: list[str], pictures, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+                   pixels: bool = True):
         """The token ids of each prompt in the template (with the pictures' vision tokens), and the processor's
-        ``pixel_values`` and ``grids`` of the pictures."""
+        ``pixel_values`` and ``grids`` of the pictures (``pixels=False``: the ids alone)."""
         variant, pictures = self.variant, list(pictures or ())
         if variant.blank_prompt is not None:
             prompts = [p or variant.blank_prompt for p in prompts]
@@ -100,7 +101,10 @@ class PromptEncoder:
                                                 for i in range(len(pictures)))
         texts = [variant.template.format(prefix + p) for p in prompts]
         vision = {}
-        if pictures:
+        if pictures and not pixels:
+            grids = self.processor.grids(pictures)
+            texts = [self.processor.expand_image_tokens(t, grids) for t in texts]
+        elif pictures:
             pixel_values, grids = self.processor(pictures)
             texts = [self.processor.expand_image_tokens(t, grids) for t in texts]
             vision = {"pixel_values": pixel_values, "grids": grids}
@@ -115,7 +119,7 @@ class PromptEncoder:
         """``(L,)`` bool over the features `encode` gives these prompts: True at the pictures' vision tokens. The
         pictures come before the prompt in the user turn, so every row of a right-padded batch has them at the
         same places."""
-        sequences, _ = self._sequences(prompts, pictures)
+        sequences, _ = self._sequences(prompts, pictures, pixels=False)
         pad = self.tokenizer.tokenizer.token_to_id(IMAGE_PAD)
         width = max(len(ids) for ids in sequences) - self.variant.drop
         rows = []

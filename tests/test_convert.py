@@ -14,8 +14,8 @@ from mlx.utils import tree_flatten
 
 from mlx_qwen_image import QwenImagePipeline
 from mlx_qwen_image.cli import cli
-from mlx_qwen_image.convert import convert, converter
-from mlx_qwen_image.convert.converter import Component
+from mlx_qwen_image.convert import component as parts, convert, converter
+from mlx_qwen_image.convert.component import Component
 from mlx_qwen_image.loading import CheckpointError
 from mlx_qwen_image.models.text_encoder import QwenTextEncoder
 from mlx_qwen_image.models.transformer import QwenImageTransformer
@@ -256,8 +256,8 @@ def test_interrupted_conversion_leaves_nothing_that_loads(source, tmp_path, monk
             raise KeyboardInterrupt
         return real(path, tensors)
 
-    real = converter.write_shard
-    monkeypatch.setattr(converter, "write_shard", failing)
+    real = parts.write_shard
+    monkeypatch.setattr(parts, "write_shard", failing)
     with pytest.raises(KeyboardInterrupt):
         convert(source, tmp_path / "out", bits=4, max_shard_bytes=10**6)
     assert not (tmp_path / "out").exists()
@@ -342,7 +342,7 @@ def test_a_full_disk_the_source_as_output_and_stale_partials(source, tmp_path, m
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(converter, "write_shard", full)
+        m.setattr(parts, "write_shard", full)
         result = CliRunner().invoke(cli, ["convert", "--model", str(source), "--output", str(tmp_path / "out")])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert "filled up during the conversion" in result.output and list(tmp_path.iterdir()) == []
@@ -369,10 +369,11 @@ def test_sigterm_removes_the_partial_output(source, tmp_path):
     script = (
         "import sys, time\n"
         "import mlx_qwen_image.convert.converter as c\n"
-        "real = c.write_shard\n"
+        "import mlx_qwen_image.convert.component as parts\n"
+        "real = parts.write_shard\n"
         "def slow(path, tensors):\n"
         "    real(path, tensors); print('shard', flush=True); time.sleep(60)\n"
-        "c.write_shard = slow\n"
+        "parts.write_shard = slow\n"
         "c.convert(sys.argv[1], sys.argv[2], max_shard_bytes=10**6)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script, str(source), str(tmp_path / "out")],

@@ -52,12 +52,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
-    def __call__(self, x: mx.array, mask: mx.array | str | None, rope: tuple[mx.array, mx.array] | None,
-                 cache: "KVCache | None" = None) -> mx.array:
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values (B, heads, L, head_dim) before RoPE."""
         batch, length, _ = x.shape
         q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        return q, k, v
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None, rope: tuple[mx.array, mx.array] | None,
+                 cache: "KVCache | None" = None) -> mx.array:
+        batch, length, _ = x.shape
+        q, k, v = self.project(x)
         if rope is None:
             # Text only, right-padded: every sequence starts at position 0 (or the cached length), so one
             # offset serves the batch.

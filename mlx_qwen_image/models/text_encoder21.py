@@ -34,8 +34,8 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import ConfigError, _known_fields, _require, validate
+from .text_encoder import Attention as Qwen2Attention
 from .text_encoder import DecoderLayer, KVCache, RMSNorm, mrope_positions
-from .vision import rotate_half
 from .vision21 import Qwen3VisionTower, Vision21Config
 
 
@@ -118,11 +118,12 @@ def mrope_tables(positions, config: TextEncoder21Config, dtype) -> tuple[mx.arra
     return mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
 
 
-class Attention(nn.Module):
-    """Grouped-query self-attention with per-head RMSNorm on queries and keys, then rotate-half RoPE."""
+class Attention(Qwen2Attention):
+    """Qwen2's grouped-query attention without q/k/v biases and with an RMSNorm over each head's queries and keys
+    before RoPE; the RoPE, cache and attention are Qwen2's."""
 
     def __init__(self, config: TextEncoder21Config):
-        super().__init__()
+        nn.Module.__init__(self)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -136,24 +137,12 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask, rope: tuple[mx.array, mx.array] | None,
-                 cache: KVCache | None = None) -> mx.array:
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         batch, length, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(batch, length, self.num_heads, -1)).transpose(0, 2, 1, 3)
         k = self.k_norm(self.k_proj(x).reshape(batch, length, self.num_kv_heads, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
-        if rope is None:  # text only: positions 0.. on every axis for every row, after the cached tokens
-            offset = 0 if cache is None else cache.length
-            q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
-            k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
-        else:
-            cos, sin = rope
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+        return q, k, v
 
 
 class LanguageModel(nn.Module):

@@ -248,18 +248,21 @@ class QwenImageVAE(nn.Module):
         return self.decoder.conv_in.weight.dtype
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Checkpoint (PyTorch Conv3d/Conv2d layouts, or ours) -> our names and layouts; lazy, nothing evaluated."""
+        """Checkpoint (PyTorch Conv3d/Conv2d layouts, or ours) -> our names and layouts; lazy, nothing evaluated.
+        Qwen-Image 2.1's VAE has the same layouts and uses this too."""
         out = {}
         for key, w in weights.items():
             if ".time_conv." in key:
                 continue  # only runs on a video's later frames (see the module docstring)
             if key.endswith(".gamma"):
                 w = w.reshape(-1)
-            elif w.ndim == 5:  # causal Conv3d (O, I, T, kh, kw): a single frame meets only the last time slice
-                w = w[:, :, -1]
-                w = w.reshape(w.shape[:2]) if w.shape[-1] == 1 else w.transpose(0, 2, 3, 1)
-            elif w.ndim == 4 and w.shape[1] != w.shape[2]:  # torch Conv2d (O, I, kh, kw); ours is (O, kh, kw, I)
-                w = w.reshape(w.shape[:2]) if w.shape[-1] == 1 else w.transpose(0, 2, 3, 1)
+            else:
+                # Ours are (O, kh, kw, I) with kh == kw and never 1x1 (those are Linear); torch's are (O, I, kh, kw).
+                torch_layout = w.ndim == 5 or (w.ndim == 4 and (w.shape[1] != w.shape[2] or w.shape[2] == 1))
+                if w.ndim == 5:  # a causal Conv3d (O, I, T, kh, kw): a single frame meets only the last time slice
+                    w = w[:, :, -1]
+                if torch_layout:
+                    w = w.reshape(w.shape[:2]) if w.shape[2] == 1 else w.transpose(0, 2, 3, 1)
             out[key] = w
         return out
 

@@ -34,6 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import _known_fields, _require, validate
+from . import vae
 from .vae import ChannelNorm, MidBlock, QwenImageVAE, ResidualBlock, Resample
 
 
@@ -199,9 +200,11 @@ class UpBlock(nn.Module):
         return self.upsampler(x) + shortcut
 
 
-class Encoder(nn.Module):
+class Encoder(vae.Encoder):
+    """Qwen-Image's encoder passes (`local`, `head`) over 2.1's residual down blocks."""
+
     def __init__(self, cfg: VAE21Config):
-        super().__init__()
+        nn.Module.__init__(self)
         dims, n = cfg.encoder_dims, len(cfg.dim_mult)
         self.conv_in = nn.Conv2d(cfg.in_channels, dims[0], 3, padding=1)
         self.down_blocks = [
@@ -212,20 +215,12 @@ class Encoder(nn.Module):
         self.norm_out = ChannelNorm(dims[-1])
         self.conv_out = nn.Conv2d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
 
-    def local(self, x: mx.array) -> mx.array:
-        """Image -> features at latent resolution; convolutions only, so it can run tile by tile."""
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        return x
 
-    def head(self, x: mx.array) -> mx.array:
-        return self.conv_out(nn.silu(self.norm_out(self.mid_block(x))))
+class Decoder(vae.Decoder):
+    """Qwen-Image's decoder passes (`trunk`, `local`) over 2.1's residual up blocks."""
 
-
-class Decoder(nn.Module):
     def __init__(self, cfg: VAE21Config):
-        super().__init__()
+        nn.Module.__init__(self)
         dims, n = cfg.decoder_dims, len(cfg.dim_mult)
         temporal = cfg.temperal_downsample[::-1]
         self.conv_in = nn.Conv2d(cfg.z_dim, dims[0], 3, padding=1)
@@ -235,16 +230,6 @@ class Decoder(nn.Module):
         ]
         self.norm_out = ChannelNorm(dims[-1])
         self.conv_out = nn.Conv2d(dims[-1], cfg.out_channels, 3, padding=1)
-
-    def trunk(self, z: mx.array) -> mx.array:
-        """Latent-resolution part, including the global attention: always run on the whole latent."""
-        return self.mid_block(self.conv_in(z))
-
-    def local(self, x: mx.array) -> mx.array:
-        """Upsampling part: convolutions, per-pixel norms and copies only, so it can run tile by tile."""
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(nn.silu(self.norm_out(x)))
 
 
 class QwenImage21VAE(nn.Module):
@@ -279,26 +264,9 @@ class QwenImage21VAE(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.decoder.conv_in.weight.dtype
 
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Checkpoint (PyTorch Conv2d layouts, or ours) -> our names and layouts; lazy, nothing evaluated."""
-        out = {}
-        for key, w in weights.items():
-            if ".time_conv." in key:
-                continue  # only runs on a video's later frames (module docstring)
-            if key.endswith(".gamma"):
-                w = w.reshape(-1)
-            else:
-                # Ours are (O, kh, kw, I) with kh == kw and never 1x1 (those are Linear); torch's are (O, I, kh, kw).
-                torch_layout = w.ndim == 5 or (w.ndim == 4 and (w.shape[1] != w.shape[2] or w.shape[2] == 1))
-                if w.ndim == 5:  # a causal Conv3d (O, I, T, kh, kw): one frame meets only the last time slice
-                    w = w[:, :, -1]
-                if torch_layout:
-                    w = w.reshape(w.shape[:2]) if w.shape[2] == 1 else w.transpose(0, 2, 3, 1)
-            out[key] = w
-        return out
-
-    # Latent normalisation and the tiling machinery are QwenImageVAE's (they read only the config's
-    # latents_mean / latents_std and the tile attributes above).
+    # Checkpoint layouts, latent normalisation and the tiling machinery are QwenImageVAE's (they read only the
+    # config's latents_mean / latents_std and the tile attributes above).
+    sanitize = QwenImageVAE.sanitize
     normalize_latents = QwenImageVAE.normalize_latents
     denormalize_latents = QwenImageVAE.denormalize_latents
     _use_tiles = QwenImageVAE._use_tiles
