@@ -157,4 +157,6 @@ class Residuals:
         mods = self.tables[0][i] if len(self.tables) == 1 else [table[i] for table in self.tables]
         samples = self.controlnet(x, self.latents, scales, embeds[:batch], None if mask is None else mask[:batch],
                                   t, img_shapes[:batch], modulations=mods)
-        return samples if rows == batch else [mx.concatenate([s] * (rows // batch)) for s in samples]
+        if rows == batch or batch == 1:  # one row broadcasts over the CFG rows in the transformer's add
+            return samples
+        return [mx.concatenate([s] * (rows // batch)) for s in samples]

@@ -80,6 +80,17 @@ def test_one_controlnet_equals_diffusers(tiny_checkpoint, controlnets, mean_late
     np.testing.assert_array_equal(off, plain)
 
 
+def test_a_batch_of_prompts_gets_each_prompt_s_image(tiny_checkpoint, controlnets):
+    """Two prompts under CFG: the residuals repeat per row ([cond; uncond] of a batch of two)."""
+    folder, _ = tiny_checkpoint
+    ours = QwenImagePipeline.from_pretrained(folder, dtype="float32", controlnets=[controlnets["plain"][0]])
+    args = dict(width=WIDTH, height=HEIGHT, steps=2, cfg_scale=4.0, output="np", control_images=[picture(1)])
+    lat = noise()
+    both = ours.generate(["a dancer", "a lighthouse"], latents=np.concatenate([lat, lat]), **args)
+    for prompt, got in zip(["a dancer", "a lighthouse"], both):
+        assert rel_err(got, ours.generate(prompt, latents=lat, **args)) < 1e-5
+
+
 def test_two_conditions_on_one_net_equal_diffusers_multi(tiny_checkpoint, controlnets, mean_latents):
     from diffusers import QwenImageControlNetPipeline, QwenImageMultiControlNetModel
 
